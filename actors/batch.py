@@ -1,0 +1,72 @@
+"""Turning lists of token ids into padded tensor batches (see ``actors.logprobs`` for the layout)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+
+
+def collate_sequences(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    padding_side: str = "right",
+    pad_to_multiple_of: int | None = None,
+) -> Batch:
+    """Pad prompt+response rows into ``input_ids``, ``attention_mask`` and ``loss_mask`` (response only)."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    width = max(len(r) for r in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    loss_mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, (prompt, row) in enumerate(zip(prompt_ids, rows)):
+        start = 0 if padding_side == "right" else width - len(row)
+        input_ids[i, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, start:start + len(row)] = 1
+        loss_mask[i, start + len(prompt):start + len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def left_pad(ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` for generation."""
+    width = max(len(r) for r in ids)
+    input_ids = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        if row:
+            input_ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            attention_mask[i, width - len(row):] = 1
+    return input_ids, attention_mask
+
+
+def slice_batch(batch: Batch, rows: slice) -> tuple[slice, Batch]:
+    """Rows of every tensor, trimmed to the columns that hold a real token in any of those rows.
+
+    Returns the kept column range too, so token-level results can be written back in place.
+    """
+    width = batch["input_ids"].shape[1]
+    part = {k: v[rows] for k, v in batch.items()}
+    used = part["attention_mask"].any(0).nonzero()
+    cols = slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, width)
+    part = {k: (v[:, cols] if v.dim() >= 2 and v.shape[1] == width else v) for k, v in part.items()}
+    return cols, part
+
+
+def micro_batches(batch: Batch, micro_batch_size: int):
+    """Yield (rows, cols, sub-batch) chunks of at most ``micro_batch_size`` rows, padding trimmed."""
+    total = batch["input_ids"].shape[0]
+    step = max(1, micro_batch_size)
+    for start in range(0, total, step):
+        rows = slice(start, min(total, start + step))
+        cols, part = slice_batch(batch, rows)
+        yield rows, cols, part

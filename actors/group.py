@@ -1,0 +1,123 @@
+"""A role's actors behind one handle: create, fan a call out, shard a list across them, gather in order.
+
+The driver talks to a role (``policy``, ``generator``, ...) through an ``ActorGroup`` whatever its
+size, so a role can grow from one actor to a data-parallel or sharded group without the driver's
+code changing. Every blocking gather has a timeout and names the role and method when it fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+
+@dataclass
+class ActorResources:
+    num_cpus: float = 1.0          # logical CPUs Ray reserves (the embedded cluster oversubscribes)
+    num_gpus: float | str = "auto"  # "auto": one GPU each when the cluster has GPUs, else none
+    torch_threads: int | None = None
+    resources: dict[str, float] = field(default_factory=dict)  # custom node resources, e.g. {"trainer": 1}
+    max_restarts: int = 0
+
+    def resolved_gpus(self) -> float:
+        if self.num_gpus != "auto":
+            return float(self.num_gpus)
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+class ActorCallError(RuntimeError):
+    """A remote call failed, died or timed out; the message names the role, actor and method."""
+
+
+class ActorGroup:
+    def __init__(self, actor_cls: type, role: str, *, num_actors: int = 1, resources: ActorResources | None = None,
+                 init_kwargs: dict[str, Any] | None = None, indexed_names: bool | None = None,
+                 call_timeout_s: float = 1800.0):
+        if num_actors < 1:
+            raise ValueError(f"{role}: num_actors must be >= 1, got {num_actors}")
+        self.role = role
+        self.resources = resources or ActorResources()
+        self.call_timeout_s = call_timeout_s
+        indexed = num_actors > 1 if indexed_names is None else indexed_names
+        self.names = [f"{role}-{i}" if indexed else role for i in range(num_actors)]
+        kwargs = dict(init_kwargs or {})
+        kwargs.setdefault("torch_threads", self.resources.torch_threads)
+        remote_cls = ray.remote(actor_cls)
+        self.actors = [
+            remote_cls.options(
+                name=name, num_cpus=self.resources.num_cpus, num_gpus=self.resources.resolved_gpus(),
+                resources=dict(self.resources.resources), max_restarts=self.resources.max_restarts,
+            ).remote(**kwargs)
+            for name in self.names
+        ]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    # -- calls ------------------------------------------------------------------------------------
+    def call_all(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
+        """The same call on every actor (arguments put in the object store once)."""
+        args = [ray.put(a) if _is_large(a) else a for a in args]
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def call_each(self, method: str, per_actor_args: Sequence[tuple], **kwargs) -> list[ray.ObjectRef]:
+        if len(per_actor_args) != len(self.actors):
+            raise ValueError(f"{self.role}.{method}: {len(per_actor_args)} argument sets for {len(self.actors)} actors")
+        return [getattr(actor, method).remote(*args, **kwargs) for actor, args in zip(self.actors, per_actor_args)]
+
+    def get(self, refs, method: str = "call", timeout_s: float | None = None):
+        timeout = timeout_s or self.call_timeout_s
+        try:
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError as exc:
+            raise ActorCallError(f"{self.role}.{method} did not finish within {timeout:.0f} s") from exc
+        except RayActorError as exc:
+            raise ActorCallError(f"{self.role}.{method}: an actor of role '{self.role}' died: {exc}") from exc
+
+    def run_all(self, method: str, *args, timeout_s: float | None = None, **kwargs) -> list:
+        return self.get(self.call_all(method, *args, **kwargs), method, timeout_s)
+
+    def run_one(self, method: str, *args, timeout_s: float | None = None, **kwargs):
+        """Call the first actor only (single-actor roles such as the reference)."""
+        return self.get(getattr(self.actors[0], method).remote(*args, **kwargs), method, timeout_s)
+
+    def shard(self, items: Sequence) -> list[list]:
+        """Contiguous, near-equal shards, one per actor (some may be empty if items < actors)."""
+        n = len(self.actors)
+        base, extra = divmod(len(items), n)
+        shards, start = [], 0
+        for i in range(n):
+            stop = start + base + (1 if i < extra else 0)
+            shards.append(list(items[start:stop]))
+            start = stop
+        return shards
+
+    def map_shards(self, method: str, items: Sequence, *args, timeout_s: float | None = None, **kwargs) -> list:
+        """Split ``items`` across the actors, call ``method(shard, *args)`` on each, return results in order."""
+        shards = self.shard(items)
+        busy = [(actor, shard) for actor, shard in zip(self.actors, shards) if shard]
+        refs = [getattr(actor, method).remote(shard, *args, **kwargs) for actor, shard in busy]
+        return self.get(refs, method, timeout_s)
+
+    def wait_ready(self, timeout_s: float = 600.0) -> list[dict]:
+        """Block until every actor has loaded its model; returns each actor's info()."""
+        return self.run_all("info", timeout_s=timeout_s)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
+def _is_large(value: Any) -> bool:
+    """Tensors and batches go through the object store once instead of once per actor."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(isinstance(v, torch.Tensor) for v in value.values())
+    return False

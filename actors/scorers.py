@@ -1,0 +1,88 @@
+"""Gold / programmatic reward functions that need no training.
+
+Each scorer maps (prompt text, response text, response token ids) to one float per sample and is
+deterministic. Selected by a spec string:
+- ``vader``: VADER sentiment compound score of prompt + response, in [-1, 1] (the controlled-sentiment
+  task's gold reward when no Hub classifier is reachable);
+- ``hf-classifier:<model id or folder>[@<label>]``: probability of ``label`` (default: the label
+  whose name contains "pos") from a Hugging Face sequence classifier, e.g.
+  ``hf-classifier:siebert/sentiment-roberta-large-english`` on GPU clusters;
+- ``token-frequency:<token id>``: fraction of response tokens equal to the id (a reward whose
+  optimum is known, used by the PPO tests).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+
+class Scorer(Protocol):
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 response_ids: Sequence[Sequence[int]]) -> list[float]: ...
+
+
+class VaderScorer:
+    def __init__(self, include_prompt: bool = True):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+        self.include_prompt = include_prompt
+
+    def __call__(self, prompts, responses, response_ids):
+        texts = [(p + r) if self.include_prompt else r for p, r in zip(prompts, responses)]
+        return [float(self.analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+
+class HFClassifierScorer:
+    def __init__(self, model_id: str, label: str | None = None, device: str = "cpu", batch_size: int = 32):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_id).to(device).eval()
+        labels = {name.lower(): int(i) for i, name in self.model.config.id2label.items()}
+        if label is None:
+            matches = [i for name, i in labels.items() if "pos" in name]
+            if not matches:
+                raise ValueError(f"classifier {model_id} has labels {sorted(labels)}; name one with @<label>")
+            self.label_index = matches[0]
+        else:
+            if label.lower() not in labels:
+                raise ValueError(f"classifier {model_id} has no label {label!r} (labels: {sorted(labels)})")
+            self.label_index = labels[label.lower()]
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses, response_ids):
+        texts = [p + r for p, r in zip(prompts, responses)]
+        scores: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True, return_tensors="pt").to(self.device)
+            probs = self.model(**enc).logits.float().softmax(-1)[:, self.label_index]
+            scores.extend(probs.tolist())
+        return scores
+
+
+class TokenFrequencyScorer:
+    def __init__(self, token_id: int):
+        self.token_id = int(token_id)
+
+    def __call__(self, prompts, responses, response_ids):
+        return [sum(t == self.token_id for t in ids) / max(1, len(ids)) for ids in response_ids]
+
+
+def build_scorer(spec: str) -> Scorer:
+    kind, _, arg = spec.partition(":")
+    if kind == "vader":
+        return VaderScorer(include_prompt=(arg != "response-only"))
+    if kind == "hf-classifier":
+        if not arg:
+            raise ValueError("scorer 'hf-classifier' needs a model: hf-classifier:<model id>[@<label>]")
+        model_id, _, label = arg.partition("@")
+        return HFClassifierScorer(model_id, label or None)
+    if kind == "token-frequency":
+        if not arg.isdigit():
+            raise ValueError(f"scorer 'token-frequency' needs a token id: token-frequency:<int>, got {spec!r}")
+        return TokenFrequencyScorer(int(arg))
+    raise ValueError(f"unknown scorer {spec!r} (vader, hf-classifier:<id>, token-frequency:<id>)")

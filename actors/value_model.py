@@ -1,0 +1,66 @@
+"""An LM backbone with a scalar head: per-token values (critic) or a sequence score (reward model).
+
+Saved as an HF backbone folder plus ``value_head.safetensors`` and ``value_head.json`` (reward
+normalisation), so the critic can be initialised from the reward model by loading the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from actors.logprobs import position_ids_from_mask
+from actors.models import disable_dropout, resolve_model_path, torch_dtype
+
+HEAD_WEIGHTS = "value_head.safetensors"
+HEAD_META = "value_head.json"
+
+
+class ScalarHeadModel(nn.Module):
+    def __init__(self, backbone: nn.Module, hidden_size: int, reward_mean: float = 0.0, reward_std: float = 1.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        # A small head init keeps initial scores near 0 (OpenRLHF/TRL do the same).
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.reward_mean = reward_mean
+        self.reward_std = reward_std
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "float32") -> "ScalarHeadModel":
+        """Load a saved scalar-head model, or start one from any causal LM (fresh head)."""
+        from transformers import AutoModel
+
+        path = resolve_model_path(name_or_path)
+        backbone = disable_dropout(AutoModel.from_pretrained(path, dtype=torch_dtype(dtype)))
+        model = cls(backbone, backbone.config.hidden_size).to(torch_dtype(dtype))
+        folder = Path(path)
+        if (folder / HEAD_WEIGHTS).exists():
+            model.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
+            meta = json.loads((folder / HEAD_META).read_text())
+            model.reward_mean, model.reward_std = float(meta["reward_mean"]), float(meta["reward_std"])
+        return model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scalar per position, [B, T]."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return self.head(out.last_hidden_state).squeeze(-1).float()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.backbone.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(folder / HEAD_WEIGHTS))
+        (folder / HEAD_META).write_text(json.dumps({"reward_mean": self.reward_mean, "reward_std": self.reward_std}))
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for either padding side."""
+    width = attention_mask.shape[1]
+    positions = torch.arange(width, device=attention_mask.device).expand_as(attention_mask)
+    return (positions * attention_mask.long()).argmax(-1)

@@ -1,0 +1,86 @@
+"""Text (or chat messages) to token ids, with length limits: what drivers send to actors.
+
+Prompt and response are tokenized separately and concatenated, so the response boundary is exact
+(the loss mask covers exactly the response tokens, plus the EOS appended to each response).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+Text = str | list[dict]
+
+
+@dataclass
+class TokenizeConfig:
+    max_prompt_length: int = 128
+    max_length: int = 256               # prompt + response
+    truncation_side: str = "keep_end"   # keep_end: drop the prompt's start (dialogue); keep_start
+    chat_template: str = "auto"         # auto: use it for chat-message records when the tokenizer has one
+    on_overlong: str = "truncate"       # truncate | skip | error
+
+    def validate(self, prefix: str = "tokenize") -> None:
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(f"{prefix}: need 0 < max_prompt_length < max_length, got "
+                             f"{self.max_prompt_length} and {self.max_length}")
+        if self.truncation_side not in ("keep_end", "keep_start"):
+            raise ValueError(f"{prefix}.truncation_side must be keep_end or keep_start, got {self.truncation_side!r}")
+        if self.chat_template not in ("auto", "always", "never"):
+            raise ValueError(f"{prefix}.chat_template must be auto, always or never, got {self.chat_template!r}")
+        if self.on_overlong not in ("truncate", "skip", "error"):
+            raise ValueError(f"{prefix}.on_overlong must be truncate, skip or error, got {self.on_overlong!r}")
+
+
+class OverlongError(ValueError):
+    pass
+
+
+def _use_template(tokenizer, prompt: Text, mode: str) -> bool:
+    if mode == "never":
+        return False
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "always":
+        if not has_template:
+            raise ValueError("tokenize.chat_template is 'always' but the tokenizer has no chat template")
+        return True
+    return isinstance(prompt, list) and has_template
+
+
+def encode_prompt(tokenizer, prompt: Text, config: TokenizeConfig | None = None) -> list[int]:
+    config = config or TokenizeConfig()
+    if _use_template(tokenizer, prompt, config.chat_template):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    if isinstance(prompt, list):  # chat messages without a template: plain "role: content" lines
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode_response(tokenizer, response: Text) -> list[int]:
+    text = response if isinstance(response, str) else response[-1]["content"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def fit_lengths(prompt: list[int], responses: Sequence[list[int]], config: TokenizeConfig,
+                where: str = "") -> tuple[list[int], list[list[int]]] | None:
+    """Apply the DPO reference implementation's rule: shorten the prompt first, then the responses.
+
+    Returns None for a row to skip (on_overlong='skip'); raises OverlongError for 'error'.
+    """
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest <= config.max_length:
+        return prompt, list(responses)
+    if config.on_overlong == "error":
+        raise OverlongError(f"{where}: prompt+response has {len(prompt) + longest} tokens, more than "
+                            f"tokenize.max_length={config.max_length}")
+    if config.on_overlong == "skip":
+        return None
+    if len(prompt) > config.max_prompt_length:
+        keep = config.max_prompt_length
+        prompt = prompt[-keep:] if config.truncation_side == "keep_end" else prompt[:keep]
+    budget = config.max_length - len(prompt)
+    return prompt, [r[:budget] for r in responses]
