@@ -49,7 +49,23 @@ def left_pad(ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Ten
     return input_ids, attention_mask
 
 
-def slice_batch(batch: Batch, rows: slice) -> tuple[slice, Batch]:
+def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
+                  rejected_ids: Sequence[Sequence[int]], pad_token_id: int) -> Batch:
+    """2B rows: the B chosen sequences, then the B rejected ones (one forward pass for both)."""
+    return collate_sequences(list(prompt_ids) * 2, list(chosen_ids) + list(rejected_ids), pad_token_id)
+
+
+def pair_micro_batches(batch: Batch, pairs_per_micro_batch: int):
+    """Yield (pair indices, sub-batch) where the sub-batch holds those pairs' chosen then rejected rows."""
+    pairs = batch["input_ids"].shape[0] // 2
+    step = max(1, pairs_per_micro_batch)
+    for start in range(0, pairs, step):
+        index = torch.arange(start, min(pairs, start + step))
+        _, part = slice_batch(batch, torch.cat([index, index + pairs]))
+        yield index, part
+
+
+def slice_batch(batch: Batch, rows: slice | torch.Tensor) -> tuple[slice, Batch]:
     """Rows of every tensor, trimmed to the columns that hold a real token in any of those rows.
 
     Returns the kept column range too, so token-level results can be written back in place.

@@ -84,3 +84,31 @@ def fit_lengths(prompt: list[int], responses: Sequence[list[int]], config: Token
         prompt = prompt[-keep:] if config.truncation_side == "keep_end" else prompt[:keep]
     budget = config.max_length - len(prompt)
     return prompt, [r[:budget] for r in responses]
+
+
+@dataclass
+class EncodedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str = ""
+
+
+def encode_pairs(tokenizer, pairs, config: TokenizeConfig) -> tuple[list[EncodedPair], dict[str, int]]:
+    """Tokenize preference pairs with the length rules; returns the encoded pairs and what was cut or skipped."""
+    encoded, counts = [], {"truncated": 0, "skipped_overlong": 0, "skipped_identical_after_truncation": 0}
+    for pair in pairs:
+        where = getattr(pair, "source", "") or "pair"
+        prompt = encode_prompt(tokenizer, pair.prompt, config)
+        chosen, rejected = encode_response(tokenizer, pair.chosen), encode_response(tokenizer, pair.rejected)
+        fitted = fit_lengths(prompt, [chosen, rejected], config, where)
+        if fitted is None:
+            counts["skipped_overlong"] += 1
+            continue
+        new_prompt, (new_chosen, new_rejected) = fitted
+        counts["truncated"] += int((new_prompt, new_chosen, new_rejected) != (prompt, chosen, rejected))
+        if new_chosen == new_rejected:  # truncation can erase the only difference between the two
+            counts["skipped_identical_after_truncation"] += 1
+            continue
+        encoded.append(EncodedPair(new_prompt, new_chosen, new_rejected, where))
+    return encoded, counts

@@ -1,0 +1,159 @@
+"""Typed run configs: dataclasses filled from a YAML preset, then ``key.sub=value`` overrides.
+
+Unknown keys and wrong types fail before any actor starts, naming the key. Every run writes its
+resolved config next to its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+PRESETS = Path(__file__).parent / "presets"
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(hint, value, key)
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected text, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}' (valid: {', '.join(sorted(fields))})")
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_preset(preset: str | None) -> dict:
+    if not preset:
+        return {}
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESETS / f"{preset}.yaml"
+    if not path.exists():
+        available = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise ConfigError(f"preset '{preset}' not found (available: {', '.join(available)}, or a YAML path)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset must be a YAML mapping")
+    return data
+
+
+def build_config(cls: type[T], preset: str | None = None, overrides: list[str] | None = None) -> T:
+    """Preset (a name under jobs/presets or a YAML path), then ``key.sub=value`` overrides (YAML values)."""
+    data = load_preset(preset)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    config = _build(cls, data)
+    validate = getattr(config, "validate", None)
+    if validate:
+        validate()
+    return config
+
+
+def config_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_hash(config, length: int = 12) -> str:
+    text = json.dumps(config_dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def save_config(config, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(config_dict(config), default=str)), sort_keys=False))
+    return path
+
+
+def check_model(key: str, value: str | None) -> None:
+    """Fail at config time, not after actors start, when a local model folder is missing.
+
+    Built-in names are created on demand and hub ids can only be checked by loading, so both pass.
+    """
+    from actors.models import BUILTIN_MODELS, resolve_model_path
+
+    if value is None or value in BUILTIN_MODELS:
+        return
+    try:
+        resolve_model_path(value)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc

@@ -1,0 +1,224 @@
+"""Direct Preference Optimization (and its variants) over the actor fleet.
+
+    python -m jobs.dpo --preset dpo_smollm2 --data jsonl:pairs.jsonl [key.sub=value ...]
+
+Reference log-probs are computed once by a ReferenceActor and cached; the PolicyActor runs one
+forward pass over chosen+rejected per micro-batch and accumulates to ``batch_size`` pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from actors.batch import collate_pairs
+from actors.dpo_losses import REFERENCE_FREE_VARIANTS, VARIANTS
+from actors.group import ActorGroup, ActorResources
+from actors.models import load_tokenizer
+from actors.optim import OptimizerConfig
+from actors.policy import PolicyActor
+from actors.reference import ReferenceActor
+from jobs.batching import EncodedPair, TokenizeConfig, encode_pairs
+from jobs.cluster import init_ray
+from jobs.config import ConfigError, build_config, check_model, save_config
+from jobs.data_source import DataConfig, load_pair_splits
+from jobs.metrics import MetricsLogger
+from jobs.reference_cache import reference_logps
+
+
+@dataclass
+class DPOLossConfig:
+    variant: str = "sigmoid"      # see actors.dpo_losses.VARIANTS
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cdpo / robust
+    simpo_gamma: float = 0.5
+    orpo_lambda: float = 0.1
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"loss.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if not self.beta > 0:
+            raise ConfigError(f"loss.beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class DPOConfig:
+    run_name: str = "dpo"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: str = "smollm2"
+    reference_model: str | None = None  # default: the starting policy
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+    # The DPO paper: RMSprop, lr 1e-6, 150 warmup steps, batch 64.
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="rmsprop", lr=1e-6, warmup_steps=150))
+    batch_size: int = 64           # pairs per optimizer step
+    micro_batch_size: int = 8      # pairs per forward pass (gradient accumulation in between)
+    epochs: int = 1
+    max_steps: int | None = None
+    eval_every: int = 50           # steps; 0 = only at the end
+    autocast_bf16: bool = False
+    torch_threads: int | None = None  # per actor; default: all cores (actors take turns)
+    address: str | None = None     # Ray address; default RAY_ADDRESS or a local cluster
+
+    def validate(self) -> None:
+        self.loss.validate()
+        self.optimizer.validate()
+        self.tokenize.validate()
+        self.data.validate()
+        for key in ("batch_size", "micro_batch_size", "epochs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        for key in ("model", "reference_model"):
+            check_model(key, getattr(self, key))
+
+
+def run_dir(config) -> Path:
+    return Path(config.output_dir) / config.run_name
+
+
+def _batch(pairs: list[EncodedPair], pad_id: int):
+    return collate_pairs([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs],
+                         [p.rejected_ids for p in pairs], pad_id)
+
+
+def evaluate(policy, pairs, ref_c, ref_r, loss: dict, pad_id: int, micro: int, chunk: int = 64) -> dict:
+    """Held-out preference accuracy, margins and loss, averaged over all eval pairs."""
+    totals: dict[str, float] = {}
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        rc = None if ref_c is None else ref_c[start:start + chunk]
+        rr = None if ref_r is None else ref_r[start:start + chunk]
+        metrics = policy.run_one("eval_dpo", _batch(part, pad_id), rc, rr, loss, micro)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v * (1.0 if k == "tokens" else len(part) / len(pairs))
+    return {f"eval/{k}": v for k, v in totals.items() if k != "tokens"}
+
+
+def train(config: DPOConfig) -> dict:
+    """Run DPO end to end; returns the summary written to ``summary.json``."""
+    out = run_dir(config)
+    save_config(config, out)
+    tokenizer = load_tokenizer(config.model)
+    train_pairs, eval_pairs, report = load_pair_splits(config.data, config.seed)
+    train_enc, train_counts = encode_pairs(tokenizer, train_pairs, config.tokenize)
+    eval_enc, _ = encode_pairs(tokenizer, eval_pairs, config.tokenize)
+    if not train_enc:
+        raise ConfigError(f"data.train: no usable pairs in {config.data.train!r} after validation and tokenization")
+    print(f"[data] {len(train_enc)} train / {len(eval_enc)} eval pairs; {json.dumps(report)}; tokenize {json.dumps(train_counts)}")
+
+    init_ray(config.address, namespace=f"rayalign-{config.run_name}")
+    pad_id = tokenizer.pad_token_id
+    resources = ActorResources(torch_threads=config.torch_threads)
+    common = {"seed": config.seed, "autocast_bf16": config.autocast_bf16, "micro_batch_size": config.micro_batch_size}
+    policy = ActorGroup(PolicyActor, "policy", resources=resources,
+                        init_kwargs={"model": config.model, "optimizer": dataclasses.asdict(config.optimizer), **common})
+    reference_free = config.loss.variant in REFERENCE_FREE_VARIANTS
+    reference = None
+    if not reference_free:
+        reference = ActorGroup(ReferenceActor, "reference", resources=resources,
+                               init_kwargs={"model": config.reference_model or config.model, **common})
+    policy.wait_ready()
+
+    timings = {"reference_s": 0.0}
+    ref_train = ref_eval = (None, None)
+    if reference is not None:
+        reference.wait_ready()
+        start = time.perf_counter()
+        ref_model = config.reference_model or config.model
+        c, r, hit = reference_logps(reference, ref_model, train_enc, pad_id)
+        ref_train = (c, r)
+        if eval_enc:
+            c, r, _ = reference_logps(reference, ref_model, eval_enc, pad_id)
+            ref_eval = (c, r)
+        timings["reference_s"] = time.perf_counter() - start
+        print(f"[reference] log-probs {'loaded from cache' if hit else 'computed'} in {timings['reference_s']:.1f} s")
+        reference.shutdown()  # precomputed: the reference's memory is free for the policy
+
+    loss = dataclasses.asdict(config.loss)
+    steps_per_epoch = max(1, len(train_enc) // config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps) if config.epochs > 1 else config.max_steps
+    logger = MetricsLogger(out)
+    rng = np.random.default_rng(config.seed)
+    order: list[int] = []
+    start_all = time.perf_counter()
+    tokens_trained = 0
+    last_eval: dict = {}
+    bar = tqdm(range(1, total_steps + 1), desc=f"dpo[{config.loss.variant}]", unit="step", dynamic_ncols=True)
+    for step in bar:
+        while len(order) < config.batch_size:  # reshuffle each pass over the data
+            order.extend(rng.permutation(len(train_enc)).tolist())
+        index, order = order[:config.batch_size], order[config.batch_size:]
+        pairs = [train_enc[i] for i in index]
+        rc = None if ref_train[0] is None else ref_train[0][index]
+        rr = None if ref_train[1] is None else ref_train[1][index]
+        t0 = time.perf_counter()
+        metrics = policy.run_one("train_dpo", _batch(pairs, pad_id), rc, rr, loss, config.micro_batch_size)
+        seconds = time.perf_counter() - t0
+        tokens_trained += int(metrics["tokens"])
+        metrics.update({"timing_s/step": seconds, "perf/tokens_per_s": metrics["tokens"] / seconds,
+                        "epoch": step / steps_per_epoch})
+        if eval_enc and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
+            last_eval = evaluate(policy, eval_enc, *ref_eval, loss, pad_id, config.micro_batch_size)
+            metrics.update(last_eval)
+        logger.log(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                        margin=f"{metrics['rewards/margins']:.3f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
+    logger.close()
+    checkpoint = out / "checkpoint"
+    policy.run_one("save", str(checkpoint))
+    save_config(config, checkpoint)
+    policy.shutdown()
+    summary = {"steps": total_steps, "train_pairs": len(train_enc), "eval_pairs": len(eval_enc),
+               "tokens_trained": tokens_trained, "wall_s": time.perf_counter() - start_all,
+               "reference_s": timings["reference_s"], "checkpoint": str(checkpoint),
+               "final": {k: v for k, v in logger.rows[-1].items()} if logger.rows else {}, **last_eval}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"[done] {total_steps} steps; checkpoint {checkpoint}; metrics {logger.jsonl_path}")
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.dpo", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default=None, help="a name under jobs/presets or a YAML path")
+    p.add_argument("--data", default=None, help="training data spec (same as data.train=...)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.beta=0.5")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.train={args.data}")
+    if args.skip_bad_rows:
+        overrides.append("data.skip_bad_rows=true")
+    try:
+        config = build_config(DPOConfig, args.preset, overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}")
+    torch.manual_seed(config.seed)
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
