@@ -84,7 +84,7 @@ class PolicyActor(ModelWorker):
             def run():
                 out = self._response_logprobs(mb)
                 nll = -out.token_logps.sum() / out.mask.sum().clamp(min=1)
-                return nll, {"loss": float(nll), "tokens": float(mb["attention_mask"].sum())}
+                return nll, {"loss": float(nll.detach()), "tokens": float(mb["attention_mask"].sum())}
             return run
 
         return self._optimizer_step([(rows.stop - rows.start, part(mb)) for rows, _, mb
@@ -105,14 +105,15 @@ class PolicyActor(ModelWorker):
             **{k: v for k, v in loss.items() if k != "variant"},
         )
         margins = result.chosen_rewards - result.rejected_rewards
+        policy_chosen, policy_rejected = out.sum[:n].detach(), out.sum[n:].detach()
         metrics = {
-            "loss": float(result.losses.mean()),
+            "loss": float(result.losses.detach().mean()),
             "rewards/chosen": float(result.chosen_rewards.mean()),
             "rewards/rejected": float(result.rejected_rewards.mean()),
             "rewards/accuracies": float((margins > 0).float().mean()),
             "rewards/margins": float(margins.mean()),
-            "logps/chosen": float(out.sum[:n].mean()),
-            "logps/rejected": float(out.sum[n:].mean()),
+            "logps/chosen": float(policy_chosen.mean()),
+            "logps/rejected": float(policy_rejected.mean()),
             "tokens": float(mb["attention_mask"].sum()),
         }
         return result.losses.mean(), metrics

@@ -1,6 +1,7 @@
 """Benchmarks that print JSON (and write it with --out), measured in one run on this machine.
 
     python -m jobs.bench generate [--model smollm2] [--prompts 64] [--new-tokens 48]
+    python -m jobs.bench dpo [--model smollm2] [--sequences 8] [--seq-len 256]
 
 Targets are checked here, never by timed assertions in tests.
 """
@@ -81,6 +82,73 @@ def bench_generate(args) -> dict:
             "machine": machine_facts()}
 
 
+def _random_pairs(pairs: int, seq_len: int, prompt_len: int, vocab: int, seed: int = 0):
+    """Synthetic pairs of exactly ``seq_len`` tokens each (throughput does not depend on the text)."""
+    from actors.batch import collate_pairs
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(100, vocab, (n,), generator=g).tolist()
+
+    prompts = [ids(prompt_len) for _ in range(pairs)]
+    return collate_pairs(prompts, [ids(seq_len - prompt_len) for _ in range(pairs)],
+                         [ids(seq_len - prompt_len) for _ in range(pairs)], pad_token_id=0)
+
+
+def bench_dpo(args) -> dict:
+    """One DPO optimizer step through a Ray PolicyActor vs the same class in this process."""
+    import ray
+
+    from actors.group import ActorGroup, ActorResources
+    from actors.policy import PolicyActor
+    from jobs.cluster import init_ray
+
+    threads = args.threads or os.cpu_count() or 1
+    pairs = args.sequences // 2
+    kwargs = {"model": args.model, "optimizer": {"name": "rmsprop", "lr": 1e-6}, "micro_batch_size": args.micro_pairs,
+              "autocast_bf16": args.bf16}
+    loss = {"variant": "sigmoid", "beta": 0.1}
+    ref = torch.full((pairs,), -400.0)
+
+    def timed(step_fn, vocab):
+        batch = _random_pairs(pairs, args.seq_len, args.prompt_len, vocab)
+        step_fn(batch)  # warm-up: allocations, optimizer state
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            metrics = step_fn(batch)
+            seconds = time.perf_counter() - start
+            runs.append({"seconds": seconds, "tokens": metrics["tokens"], "tokens_per_s": metrics["tokens"] / seconds})
+        return runs
+
+    init_ray(args.address)
+    group = ActorGroup(PolicyActor, "policy", resources=ActorResources(torch_threads=threads), init_kwargs=kwargs)
+    info = group.wait_ready()[0]
+    vocab = 49152 if args.model in ("smollm2", "tiny") else 32000
+    actor_runs = timed(lambda b: group.run_one("train_dpo", b, ref, ref, loss), vocab)
+    group.shutdown()
+    ray.shutdown()
+
+    torch.set_num_threads(threads)
+    local = PolicyActor(torch_threads=threads, **kwargs)
+    local_runs = timed(lambda b: local.train_dpo(b, ref, ref, loss), vocab)
+
+    best_actor = max(r["tokens_per_s"] for r in actor_runs)
+    best_local = max(r["tokens_per_s"] for r in local_runs)
+    # Forward + backward of a dense decoder ~ 6 FLOPs per parameter per token (Kaplan et al. 2020).
+    flops_per_token = 6 * info["parameters"]
+    peak = matmul_gflops(threads=threads)
+    return {"benchmark": "dpo", "model": args.model, "sequences": args.sequences, "seq_len": args.seq_len,
+            "micro_pairs": args.micro_pairs, "bf16_autocast": args.bf16, "torch_threads": threads,
+            "actor_runs": actor_runs, "in_process_runs": local_runs,
+            "actor_tokens_per_s": best_actor, "in_process_tokens_per_s": best_local,
+            "ratio_actor_vs_in_process": best_actor / best_local, "target_ratio": 0.9,
+            "achieved_gflops": best_actor * flops_per_token / 1e9, "matmul_gflops_fp32": peak,
+            "fraction_of_matmul_peak": best_actor * flops_per_token / 1e9 / peak,
+            "machine": machine_facts()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="which", required=True)
@@ -91,11 +159,20 @@ def main(argv=None) -> int:
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--threads", type=int, default=None)
     gen.add_argument("--repeats", type=int, default=2)
-    for p in (gen,):
+    dpo = sub.add_parser("dpo", help="DPO step tokens/s through a Ray actor vs in-process, and fraction of peak")
+    dpo.add_argument("--model", default="smollm2")
+    dpo.add_argument("--sequences", type=int, default=8, help="sequences per step (chosen + rejected)")
+    dpo.add_argument("--seq-len", type=int, default=256)
+    dpo.add_argument("--prompt-len", type=int, default=64)
+    dpo.add_argument("--micro-pairs", type=int, default=4)
+    dpo.add_argument("--bf16", action="store_true")
+    dpo.add_argument("--threads", type=int, default=None)
+    dpo.add_argument("--repeats", type=int, default=2)
+    for p in (gen, dpo):
         p.add_argument("--address", default=None)
         p.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = {"generate": bench_generate}[args.which](args)
+    result = {"generate": bench_generate, "dpo": bench_dpo}[args.which](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

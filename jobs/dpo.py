@@ -69,6 +69,7 @@ class DPOConfig:
     max_steps: int | None = None
     eval_every: int = 50           # steps; 0 = only at the end
     autocast_bf16: bool = False
+    reference_mode: str = "precompute"  # precompute (once, cached on disk) | on_the_fly (every batch)
     torch_threads: int | None = None  # per actor; default: all cores (actors take turns)
     address: str | None = None     # Ray address; default RAY_ADDRESS or a local cluster
 
@@ -82,6 +83,8 @@ class DPOConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.reference_mode not in ("precompute", "on_the_fly"):
+            raise ConfigError(f"reference_mode must be precompute or on_the_fly, got {self.reference_mode!r}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
         for key in ("model", "reference_model"):
@@ -97,13 +100,35 @@ def _batch(pairs: list[EncodedPair], pad_id: int):
                          [p.rejected_ids for p in pairs], pad_id)
 
 
-def evaluate(policy, pairs, ref_c, ref_r, loss: dict, pad_id: int, micro: int, chunk: int = 64) -> dict:
+class ReferenceLogps:
+    """Reference log-probs by pair index: precomputed once (and cached on disk), or asked per batch."""
+
+    def __init__(self, reference, model: str, pairs: list[EncodedPair], pad_id: int, mode: str):
+        self.reference, self.pairs, self.pad_id, self.mode = reference, pairs, pad_id, mode
+        self.cached = False
+        self.seconds = 0.0
+        if reference is not None and mode == "precompute" and pairs:
+            start = time.perf_counter()
+            self.chosen, self.rejected, self.cached = reference_logps(reference, model, pairs, pad_id)
+            self.seconds = time.perf_counter() - start
+
+    def __call__(self, index: list[int]):
+        if self.reference is None:
+            return None, None
+        if self.mode == "precompute":
+            return self.chosen[index], self.rejected[index]
+        start = time.perf_counter()
+        sums = self.reference.run_one("logprobs", _batch([self.pairs[i] for i in index], self.pad_id))["sum"]
+        self.seconds += time.perf_counter() - start
+        return sums[: len(index)], sums[len(index):]
+
+
+def evaluate(policy, pairs, reference: ReferenceLogps, loss: dict, pad_id: int, micro: int, chunk: int = 64) -> dict:
     """Held-out preference accuracy, margins and loss, averaged over all eval pairs."""
     totals: dict[str, float] = {}
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
-        rc = None if ref_c is None else ref_c[start:start + chunk]
-        rr = None if ref_r is None else ref_r[start:start + chunk]
+        rc, rr = reference(list(range(start, start + len(part))))
         metrics = policy.run_one("eval_dpo", _batch(part, pad_id), rc, rr, loss, micro)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v * (1.0 if k == "tokens" else len(part) / len(pairs))
@@ -135,20 +160,16 @@ def train(config: DPOConfig) -> dict:
                                init_kwargs={"model": config.reference_model or config.model, **common})
     policy.wait_ready()
 
-    timings = {"reference_s": 0.0}
-    ref_train = ref_eval = (None, None)
+    ref_model = config.reference_model or config.model
     if reference is not None:
         reference.wait_ready()
-        start = time.perf_counter()
-        ref_model = config.reference_model or config.model
-        c, r, hit = reference_logps(reference, ref_model, train_enc, pad_id)
-        ref_train = (c, r)
-        if eval_enc:
-            c, r, _ = reference_logps(reference, ref_model, eval_enc, pad_id)
-            ref_eval = (c, r)
-        timings["reference_s"] = time.perf_counter() - start
-        print(f"[reference] log-probs {'loaded from cache' if hit else 'computed'} in {timings['reference_s']:.1f} s")
-        reference.shutdown()  # precomputed: the reference's memory is free for the policy
+    ref_train = ReferenceLogps(reference, ref_model, train_enc, pad_id, config.reference_mode)
+    ref_eval = ReferenceLogps(reference, ref_model, eval_enc, pad_id, config.reference_mode)
+    if reference is not None and config.reference_mode == "precompute":
+        print(f"[reference] log-probs {'loaded from cache' if ref_train.cached else 'computed'} "
+              f"in {ref_train.seconds + ref_eval.seconds:.1f} s")
+        reference.shutdown()  # no longer needed: its memory is free for the policy
+        reference = None
 
     loss = dataclasses.asdict(config.loss)
     steps_per_epoch = max(1, len(train_enc) // config.batch_size)
@@ -167,8 +188,7 @@ def train(config: DPOConfig) -> dict:
             order.extend(rng.permutation(len(train_enc)).tolist())
         index, order = order[:config.batch_size], order[config.batch_size:]
         pairs = [train_enc[i] for i in index]
-        rc = None if ref_train[0] is None else ref_train[0][index]
-        rr = None if ref_train[1] is None else ref_train[1][index]
+        rc, rr = ref_train(index)
         t0 = time.perf_counter()
         metrics = policy.run_one("train_dpo", _batch(pairs, pad_id), rc, rr, loss, config.micro_batch_size)
         seconds = time.perf_counter() - t0
@@ -176,7 +196,7 @@ def train(config: DPOConfig) -> dict:
         metrics.update({"timing_s/step": seconds, "perf/tokens_per_s": metrics["tokens"] / seconds,
                         "epoch": step / steps_per_epoch})
         if eval_enc and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
-            last_eval = evaluate(policy, eval_enc, *ref_eval, loss, pad_id, config.micro_batch_size)
+            last_eval = evaluate(policy, eval_enc, ref_eval, loss, pad_id, config.micro_batch_size)
             metrics.update(last_eval)
         logger.log(step, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
@@ -186,9 +206,14 @@ def train(config: DPOConfig) -> dict:
     policy.run_one("save", str(checkpoint))
     save_config(config, checkpoint)
     policy.shutdown()
+    reference_checksum = None
+    if reference is not None:
+        reference_checksum = reference.run_one("weights_checksum")
+        reference.shutdown()
     summary = {"steps": total_steps, "train_pairs": len(train_enc), "eval_pairs": len(eval_enc),
                "tokens_trained": tokens_trained, "wall_s": time.perf_counter() - start_all,
-               "reference_s": timings["reference_s"], "checkpoint": str(checkpoint),
+               "reference_s": ref_train.seconds + ref_eval.seconds, "reference_checksum_end": reference_checksum,
+               "checkpoint": str(checkpoint),
                "final": {k: v for k, v in logger.rows[-1].items()} if logger.rows else {}, **last_eval}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"[done] {total_steps} steps; checkpoint {checkpoint}; metrics {logger.jsonl_path}")

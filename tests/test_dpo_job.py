@@ -85,3 +85,22 @@ def test_reference_free_variant_needs_no_reference(ray_cluster, tmp_path):
 def test_bad_config_is_rejected_naming_the_key(tmp_path, override, key):
     with pytest.raises((ConfigError, ValueError), match=key.replace(".", r"\.")):
         _config(tmp_path, override)
+
+
+def test_on_the_fly_reference_matches_precomputed_and_stays_frozen(dpo_run, tmp_path):
+    from actors.models import load_causal_lm
+
+    _, _, rows, _ = dpo_run
+    config = _config(tmp_path, "reference_mode=on_the_fly", "max_steps=4")
+    summary = train(config)
+    rerun = [json.loads(line) for line in (tmp_path / config.run_name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rerun] == pytest.approx([r["loss"] for r in rows[:4]], abs=1e-4)
+    frozen = load_causal_lm("tiny")
+    expected = float(sum(p.detach().double().sum() for p in frozen.parameters()))
+    assert summary["reference_checksum_end"] == pytest.approx(expected, abs=0)
+
+
+def test_bf16_autocast_step_runs_and_stays_close(ray_cluster, tmp_path):
+    config = _config(tmp_path, "autocast_bf16=true", "max_steps=2", "eval_every=0")
+    summary = train(config)
+    assert summary["final"]["loss"] == pytest.approx(0.65, abs=0.1)
