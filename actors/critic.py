@@ -2,38 +2,85 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
+from pathlib import Path
 
 import torch
 
-from actors.batch import Batch, micro_batches
+from actors.batch import Batch, micro_batches, slice_batch
+from actors.optim import OptimizerConfig, TrainableMixin
+from actors.ppo_math import explained_variance, value_loss
 from actors.runtime import configure_threads, describe_actor, pick_device, quiet_transformers, seed_everything
 from actors.value_model import ScalarHeadModel
 
 
-class CriticActor:
+class CriticActor(TrainableMixin):
     role = "critic"
 
     def __init__(self, model: str, *, seed: int = 0, torch_threads: int | None = None, dtype: str = "float32",
-                 micro_batch_size: int = 8):
+                 micro_batch_size: int = 8, optimizer: OptimizerConfig | dict | None = None):
         quiet_transformers()
         configure_threads(torch_threads)
         seed_everything(seed)
         self.device = pick_device()
         self.model = ScalarHeadModel.from_pretrained(model, dtype=dtype).to(self.device).eval()
         self.micro_batch_size = micro_batch_size
+        self.setup_optimizer(optimizer or OptimizerConfig(lr=1e-5, eps=1e-5))
 
     def info(self) -> dict:
         return describe_actor(self.role, self.device, parameters=sum(p.numel() for p in self.model.parameters()))
 
+    def _autocast(self):
+        return contextlib.nullcontext()
+
+    def _values(self, mb: Batch) -> torch.Tensor:
+        mb = {k: v.to(self.device) for k, v in mb.items()}
+        return self.model(mb["input_ids"], mb["attention_mask"])[:, :-1] * mb["loss_mask"][:, 1:]
+
     @torch.no_grad()
-    def values(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def values(self, batch: Batch, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
         """V(s_t) aligned with the shifted token log-probs: [B, T-1], zero outside the response."""
         start = time.perf_counter()
         rows_total, width = batch["input_ids"].shape
         values = torch.zeros(rows_total, width - 1)
-        for rows, cols, mb in micro_batches(batch, self.micro_batch_size):
-            mb = {k: v.to(self.device) for k, v in mb.items()}
-            out = self.model(mb["input_ids"], mb["attention_mask"])[:, :-1]
-            values[rows, cols.start:cols.stop - 1] = (out * mb["loss_mask"][:, 1:]).cpu()
+        for rows, cols, mb in micro_batches(batch, micro_batch_size or self.micro_batch_size):
+            values[rows, cols.start:cols.stop - 1] = self._values(mb).cpu()
         return {"values": values, "seconds": torch.tensor(time.perf_counter() - start)}
+
+    def train_value(self, batch: Batch, old_values: torch.Tensor, returns: torch.Tensor, ppo: dict) -> dict[str, float]:
+        """Clipped value-loss updates over the same epochs/minibatches as the policy."""
+        rows = batch["input_ids"].shape[0]
+        minibatch = ppo.get("minibatch_size", rows)
+        micro = ppo.get("micro_batch_size", self.micro_batch_size)
+        generator = torch.Generator().manual_seed(int(ppo.get("seed", 0)) + 7919 + self.global_step)
+        history = []
+        for epoch in range(int(ppo.get("epochs", 1))):
+            order = torch.arange(rows) if epoch == 0 else torch.randperm(rows, generator=generator)
+            for start in range(0, rows, minibatch):
+                index = order[start:start + minibatch]
+                parts = [(len(index[k:k + micro]), functools.partial(self._value_forward, batch, index[k:k + micro],
+                                                                      old_values, returns, ppo))
+                         for k in range(0, len(index), micro)]
+                history.append(self._optimizer_step(parts))
+        mean = {k: sum(m[k] for m in history) / len(history) for k in history[0] if k != "tokens"}
+        mask = batch["loss_mask"][:, 1:].float()
+        mean["critic/vf_explained_var"] = float(explained_variance(old_values, returns, mask))
+        return {("critic/" + k if not k.startswith("critic/") else k): v for k, v in mean.items()}
+
+    def _value_forward(self, batch, index, old_values, returns, ppo):
+        cols, mb = slice_batch(batch, index)
+        token_cols = slice(cols.start, cols.stop - 1)
+        values = self._values(mb)
+        mask = mb["loss_mask"][:, 1:].to(values.device).float()
+        loss, clipfrac = value_loss(values, old_values[index][:, token_cols].to(values.device),
+                                    returns[index][:, token_cols].to(values.device), mask, ppo.get("value_clip", 0.2))
+        loss = ppo.get("vf_coef", 1.0) * loss
+        return loss, {"critic/vf_loss": float(loss.detach()), "critic/vf_clipfrac": float(clipfrac),
+                      "tokens": float(mb["attention_mask"].sum())}
+
+    def save(self, path: str) -> str:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        return path

@@ -15,7 +15,7 @@ Variants (every one is a small function below, dispatched from ``preference_loss
 ``cdpo``                conservative DPO, label smoothing ε:   −(1−ε) log σ(β h) − ε log σ(−β h)
 ``ipo``                 IPO (Azar et al. 2023), as TRL:        (h_avg − 1/(2β))²
 ``hinge``               SLiC (Zhao et al. 2023):               max(0, 1 − β h)
-``robust``              rDPO (Chowdhury et al. 2024):          [(1−ε)(−log σ(β h)) − ε(−log σ(−β h))] / (1−2ε)
+``robust``              rDPO (Chowdhury et al. 2024):          [(1−ε)(−log σ(βh)) − ε(−log σ(−βh))] / (1−2ε)
 ``simpo``               SimPO (Meng et al. 2024):              −log σ(β ȳ_w − β ȳ_l − γ)
 ``orpo``                ORPO (Hong et al. 2024):               NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l))
 ``reference_free``      DPO with a uniform π_ref:              −log σ(β (log π(y_w) − log π(y_l)))
@@ -144,7 +144,8 @@ def _check_inputs(variant, tensors: dict, beta, label_smoothing, needs_reference
     if variant == "cdpo" and not 0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5] for 'cdpo', got {label_smoothing}")
     if variant == "robust" and not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) for 'robust' (it divides by 1 − 2ε), got {label_smoothing}")
+        raise ValueError("label_smoothing must be in [0, 0.5) for 'robust' (it divides by 1 − 2ε), "
+                         f"got {label_smoothing}")
     shape = tensors["policy_chosen_logps"].shape
     for name, value in tensors.items():
         if value is not None and value.shape != shape:

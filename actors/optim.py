@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -41,3 +44,64 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0
     )
+
+
+# One micro-batch's forward pass: returns (mean loss over its rows, metrics to average by rows).
+MicroLoss = Callable[[], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainableMixin:
+    """The optimizer step every trainable actor shares (policy, reward model, critic).
+
+    Expects ``self.model`` and ``self._autocast()``; call ``setup_optimizer`` in ``__init__``.
+    """
+
+    def setup_optimizer(self, optimizer: OptimizerConfig | dict | None) -> None:
+        config = OptimizerConfig(**optimizer) if isinstance(optimizer, dict) else (optimizer or OptimizerConfig())
+        config.validate()
+        self.optimizer_config = config
+        self.optimizer = build_optimizer(self.model.parameters(), config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.global_step = 0
+        self.nonfinite_steps = 0
+
+    def _optimizer_step(self, parts: list[tuple[int, MicroLoss]]) -> dict[str, float]:
+        """Accumulate gradients over micro-batches weighted by their share of rows, clip, step.
+
+        ``parts`` holds (rows, closure) pairs; each closure runs one micro-batch's forward pass and
+        returns (mean loss over its rows, metrics). A non-finite loss or gradient skips the update
+        (counted in ``skipped_nonfinite``; weights and optimizer state untouched).
+        """
+        start = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_rows = sum(rows for rows, _ in parts)
+        sums: dict[str, float] = {}
+        finite = True
+        for rows, run in parts:
+            with self._autocast():
+                loss, metrics = run()
+            weight = rows / total_rows
+            finite &= bool(torch.isfinite(loss))
+            if finite:
+                (loss * weight).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k == "tokens" else weight)
+        grad_norm = float("nan")
+        if finite:
+            max_norm = self.optimizer_config.max_grad_norm or float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_steps = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+        self.global_step += 1
+        self.model.eval()
+        sums.update({"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                     "skipped_nonfinite": float(not finite), "timing_s/update": time.perf_counter() - start})
+        return sums
+

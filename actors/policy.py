@@ -3,75 +3,24 @@
 from __future__ import annotations
 
 import functools
-import math
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from actors.batch import Batch, micro_batches, pair_micro_batches
+from actors.batch import Batch, micro_batches, pair_micro_batches, slice_batch
 from actors.dpo_losses import preference_loss
 from actors.logprobs import sequence_logprobs
-from actors.optim import OptimizerConfig, build_optimizer, build_scheduler
+from actors.optim import OptimizerConfig, TrainableMixin
+from actors.ppo_math import entropy_from_logits, kl_estimate, masked_mean, policy_loss
 from actors.worker import ModelWorker
 
-# One micro-batch's forward pass: returns (mean loss over its rows, metrics to average by rows).
-MicroLoss = Callable[[], tuple[torch.Tensor, dict[str, float]]]
 
-
-class PolicyActor(ModelWorker):
+class PolicyActor(TrainableMixin, ModelWorker):
     role = "policy"
 
     def __init__(self, model: str, *, optimizer: OptimizerConfig | dict | None = None, **kwargs):
         super().__init__(model, **kwargs)
-        self.optimizer_config = OptimizerConfig(**optimizer) if isinstance(optimizer, dict) else (optimizer or OptimizerConfig())
-        self.optimizer_config.validate()
-        self.optimizer = build_optimizer(self.model.parameters(), self.optimizer_config)
-        self.scheduler = build_scheduler(self.optimizer, self.optimizer_config)
-        self.global_step = 0
-        self.nonfinite_steps = 0
-
-    # -- the one optimizer step every objective shares ------------------------------------------
-    def _optimizer_step(self, parts: list[tuple[int, MicroLoss]]) -> dict[str, float]:
-        """Accumulate gradients over micro-batches weighted by their share of rows, clip, step.
-
-        ``parts`` holds (rows, closure) pairs; each closure runs one micro-batch's forward pass and
-        returns (mean loss over its rows, metrics). A non-finite loss or gradient skips the update
-        (counted in ``skipped_nonfinite``; weights and optimizer state untouched).
-        """
-        start = time.perf_counter()
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        total_rows = sum(rows for rows, _ in parts)
-        sums: dict[str, float] = {}
-        finite = True
-        for rows, run in parts:
-            with self._autocast():
-                loss, metrics = run()
-            weight = rows / total_rows
-            finite &= bool(torch.isfinite(loss))
-            if finite:
-                (loss * weight).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k == "tokens" else weight)
-        grad_norm = float("nan")
-        if finite:
-            max_norm = self.optimizer_config.max_grad_norm or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-            finite = math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.nonfinite_steps = 0
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_steps += 1
-        self.global_step += 1
-        self.model.eval()
-        sums.update({"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
-                     "skipped_nonfinite": float(not finite), "timing_s/update": time.perf_counter() - start})
-        return sums
+        self.setup_optimizer(optimizer)
 
     def _response_logprobs(self, mb: Batch):
         return sequence_logprobs(self._logits(mb), mb["input_ids"].to(self.device), mb["loss_mask"].to(self.device))
@@ -146,6 +95,62 @@ class PolicyActor(ModelWorker):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * (1.0 if k == "tokens" else len(index) / pairs)
         return sums
+
+    # -- PPO --------------------------------------------------------------------------------------
+    def train_ppo(self, batch: Batch, old_logprobs: torch.Tensor, advantages: torch.Tensor, ppo: dict,
+                  ref_logprobs: torch.Tensor | None = None) -> dict[str, float]:
+        """Several epochs of clipped-surrogate updates over minibatches of one rollout.
+
+        ``old_logprobs`` / ``advantages`` are [B, T-1] in the shifted layout. Epoch 0 walks the rollout
+        in order, in micro-batches of the size the rollout log-probs were computed with, so its first
+        minibatch reproduces those log-probs exactly (ratio 1); later epochs are shuffled (seeded).
+        With ``ppo['kl_in_loss_coef'] > 0`` the KL to ``ref_logprobs`` is a loss term instead of a reward.
+        """
+        rows = batch["input_ids"].shape[0]
+        minibatch = ppo.get("minibatch_size", rows)
+        micro = ppo.get("micro_batch_size", self.micro_batch_size)
+        generator = torch.Generator().manual_seed(int(ppo.get("seed", 0)) + self.global_step)
+        history: list[dict[str, float]] = []
+        first_ratio_dev = None
+        for epoch in range(int(ppo.get("epochs", 1))):
+            order = torch.arange(rows) if epoch == 0 else torch.randperm(rows, generator=generator)
+            for start in range(0, rows, minibatch):
+                index = order[start:start + minibatch]
+                parts = [(len(index[k:k + micro]), functools.partial(self._ppo_forward, batch, index[k:k + micro],
+                                                                      old_logprobs, advantages, ref_logprobs, ppo))
+                         for k in range(0, len(index), micro)]
+                metrics = self._optimizer_step(parts)
+                if first_ratio_dev is None:
+                    first_ratio_dev = metrics["actor/ratio_max_dev"]
+                history.append(metrics)
+        mean = {k: sum(m[k] for m in history) / len(history) for k in history[0] if k != "tokens"}
+        mean["actor/ratio_max_dev_first_minibatch"] = first_ratio_dev
+        mean["actor/updates"] = float(len(history))
+        mean["tokens"] = sum(m["tokens"] for m in history)
+        return mean
+
+    def _ppo_forward(self, batch: Batch, index: torch.Tensor, old_logprobs, advantages, ref_logprobs, ppo: dict):
+        cols, mb = slice_batch(batch, index)
+        token_cols = slice(cols.start, cols.stop - 1)
+        logits = self._logits(mb)
+        out = sequence_logprobs(logits, mb["input_ids"].to(self.device), mb["loss_mask"].to(self.device))
+        old = old_logprobs[index][:, token_cols].to(out.token_logps.device)
+        adv = advantages[index][:, token_cols].to(out.token_logps.device)
+        pg_loss, clipfrac, approx_kl = policy_loss(out.token_logps, old, adv, out.mask, ppo.get("clip_eps", 0.2),
+                                                   ppo.get("clip_eps_high"))
+        entropy = masked_mean(entropy_from_logits(logits[:, :-1]), out.mask)
+        loss = pg_loss - ppo.get("entropy_coef", 0.0) * entropy
+        kl_coef = ppo.get("kl_in_loss_coef", 0.0)
+        kl_term = torch.zeros(())
+        if kl_coef and ref_logprobs is not None:
+            ref = ref_logprobs[index][:, token_cols].to(out.token_logps.device)
+            kl_term = masked_mean(kl_estimate(out.token_logps, ref, ppo.get("kl_estimator", "k3")), out.mask)
+            loss = loss + kl_coef * kl_term
+        ratio_dev = ((out.token_logps.detach() - old).exp() - 1).abs() * out.mask
+        return loss, {"actor/pg_loss": float(pg_loss.detach()), "actor/pg_clipfrac": float(clipfrac),
+                      "actor/approx_kl": float(approx_kl), "actor/entropy": float(entropy.detach()),
+                      "actor/kl_loss": float(kl_term.detach()), "actor/ratio_max_dev": float(ratio_dev.max()),
+                      "tokens": float(mb["attention_mask"].sum())}
 
     # -- state ------------------------------------------------------------------------------------
     def save(self, path: str) -> str:

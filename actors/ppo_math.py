@@ -17,8 +17,6 @@ References
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -217,7 +215,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     ``clip_eps_high`` defaults to ``clip_eps`` (asymmetric "clip-higher" as in DAPO when set).
     Returns ``(loss, clipfrac, approx_kl)`` as 0-d tensors; ``clipfrac`` = masked fraction of tokens where
     the clipped branch is strictly smaller (i.e. active in the min); ``approx_kl`` = masked mean of the k3
-    estimator of KL(π_old ‖ π) on tokens sampled from π_old: ρ − 1 − log ρ (≥ 0). Both metrics are detached.
+    estimator of KL(π_old ‖ π) on tokens sampled from π_old: ρ − 1 − log ρ (≥ 0). Both metrics are
+    detached.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logprobs - old_logprobs

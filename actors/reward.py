@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from actors.batch import collate_sequences, micro_batches
+from actors.batch import Batch, collate_sequences, micro_batches, pair_micro_batches
 from actors.models import load_tokenizer
 from actors.runtime import configure_threads, describe_actor, pick_device, quiet_transformers, seed_everything
+from actors.optim import OptimizerConfig, TrainableMixin
+from actors.ppo_math import bradley_terry_loss
 from actors.scorers import build_scorer
 from actors.value_model import ScalarHeadModel, last_token_index
 
 
-class RewardModelActor:
+class RewardModelActor(TrainableMixin):
     """``kind='learned'``: ``model`` is a causal LM or saved scalar-head folder.
     ``kind='gold'``: ``scorer`` is a spec understood by ``actors.scorers.build_scorer``.
 
@@ -25,7 +30,8 @@ class RewardModelActor:
 
     def __init__(self, *, kind: str = "learned", model: str | None = None, scorer: str | None = None,
                  tokenizer: str | None = None, seed: int = 0, torch_threads: int | None = None,
-                 dtype: str = "float32", micro_batch_size: int = 8, normalize: bool = True):
+                 dtype: str = "float32", micro_batch_size: int = 8, normalize: bool = True,
+                 optimizer: OptimizerConfig | dict | None = None):
         quiet_transformers()
         configure_threads(torch_threads)
         seed_everything(seed)
@@ -38,6 +44,8 @@ class RewardModelActor:
                 raise ValueError("reward.kind 'learned' needs reward.model")
             self.model = ScalarHeadModel.from_pretrained(model, dtype=dtype).to(self.device).eval()
             self.tokenizer = load_tokenizer(tokenizer or model)
+            if optimizer is not None:
+                self.setup_optimizer(optimizer)
         elif kind == "gold":
             if not scorer:
                 raise ValueError("reward.kind 'gold' needs reward.scorer (e.g. vader)")
@@ -50,6 +58,53 @@ class RewardModelActor:
 
     def info(self) -> dict:
         return describe_actor(self.role, self.device, kind=self.kind, spec=self.spec)
+
+    def _autocast(self):
+        return contextlib.nullcontext()
+
+    def _pair_scores(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        mb = {k: v.to(self.device) for k, v in mb.items()}
+        values = self.model(mb["input_ids"], mb["attention_mask"])
+        scores = values.gather(1, last_token_index(mb["attention_mask"]).unsqueeze(1)).squeeze(1)
+        n = scores.shape[0] // 2
+        return scores[:n], scores[n:]
+
+    def _bt_forward(self, mb: Batch, margin: float):
+        chosen, rejected = self._pair_scores(mb)
+        loss, accuracy = bradley_terry_loss(chosen, rejected, torch.full_like(chosen, margin) if margin else None)
+        return loss, {"loss": float(loss.detach()), "accuracy": float(accuracy),
+                      "reward/chosen": float(chosen.detach().mean()), "reward/rejected": float(rejected.detach().mean()),
+                      "tokens": float(mb["attention_mask"].sum())}
+
+    def train_rm(self, batch: Batch, margin: float = 0.0, micro_batch_size: int | None = None) -> dict[str, float]:
+        """One Bradley-Terry step, −log σ(r(x, y_w) − r(x, y_l) − margin), on B pairs (``collate_pairs``)."""
+        if self.kind != "learned" or not hasattr(self, "optimizer"):
+            raise RuntimeError("train_rm needs reward.kind='learned' and an optimizer")
+        parts = [(len(index), functools.partial(self._bt_forward, mb, margin))
+                 for index, mb in pair_micro_batches(batch, micro_batch_size or self.micro_batch_size)]
+        return self._optimizer_step(parts)
+
+    @torch.no_grad()
+    def eval_rm(self, batch: Batch, micro_batch_size: int | None = None) -> dict[str, float]:
+        """Held-out preference accuracy and mean margin of the raw (unnormalised) scores."""
+        self.model.eval()
+        chosen, rejected = [], []
+        for _, mb in pair_micro_batches(batch, micro_batch_size or self.micro_batch_size):
+            c, r = self._pair_scores(mb)
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        c, r = torch.cat(chosen), torch.cat(rejected)
+        return {"accuracy": float((c > r).float().mean()), "margin": float((c - r).mean()), "pairs": float(len(c))}
+
+    def set_normalization(self, mean: float, std: float) -> None:
+        """Stored with the model: scores of reference-policy samples then have mean 0 and std 1."""
+        self.model.reward_mean, self.model.reward_std = float(mean), float(max(std, 1e-6))
+
+    def save(self, path: str) -> str:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
 
     @torch.no_grad()
     def score(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
@@ -65,8 +120,7 @@ class RewardModelActor:
             for rows, _, mb in micro_batches(batch, self.micro_batch_size):
                 mb = {k: v.to(self.device) for k, v in mb.items()}
                 values = self.model(mb["input_ids"], mb["attention_mask"])
-                last = last_token_index(mb["attention_mask"])
-                scores[rows] = values.gather(1, last.unsqueeze(1)).squeeze(1).cpu()
+                scores[rows] = values.gather(1, last_token_index(mb["attention_mask"]).unsqueeze(1)).squeeze(1).cpu()
             if self.normalize:
                 scores = (scores - self.model.reward_mean) / self.model.reward_std
         return {"scores": scores, "seconds": torch.tensor(time.perf_counter() - start)}
