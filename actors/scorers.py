@@ -7,8 +7,9 @@ deterministic. Selected by a spec string:
 - ``hf-classifier:<model id or folder>[@<label>]``: probability of ``label`` (default: the label
   whose name contains "pos") from a Hugging Face sequence classifier, e.g.
   ``hf-classifier:siebert/sentiment-roberta-large-english`` on GPU clusters;
-- ``token-frequency:<token id>``: fraction of response tokens equal to the id (a reward whose
-  optimum is known, used by the PPO tests).
+- ``token-frequency:<id>`` or ``token-frequency:<lo>-<hi>``: fraction of response tokens equal to the
+  id, or inside the inclusive id range (a reward whose optimum is known; a range gives a random
+  model a dense signal, which the PPO tests use).
 """
 
 from __future__ import annotations
@@ -65,11 +66,11 @@ class HFClassifierScorer:
 
 
 class TokenFrequencyScorer:
-    def __init__(self, token_id: int):
-        self.token_id = int(token_id)
+    def __init__(self, low: int, high: int | None = None):
+        self.low, self.high = int(low), int(low if high is None else high)
 
     def __call__(self, prompts, responses, response_ids):
-        return [sum(t == self.token_id for t in ids) / max(1, len(ids)) for ids in response_ids]
+        return [sum(self.low <= t <= self.high for t in ids) / max(1, len(ids)) for ids in response_ids]
 
 
 def build_scorer(spec: str) -> Scorer:
@@ -82,7 +83,8 @@ def build_scorer(spec: str) -> Scorer:
         model_id, _, label = arg.partition("@")
         return HFClassifierScorer(model_id, label or None)
     if kind == "token-frequency":
-        if not arg.isdigit():
-            raise ValueError(f"scorer 'token-frequency' needs a token id: token-frequency:<int>, got {spec!r}")
-        return TokenFrequencyScorer(int(arg))
+        low, _, high = arg.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"scorer 'token-frequency' needs a token id or range: token-frequency:<id>[-<id>], got {spec!r}")
+        return TokenFrequencyScorer(int(low), int(high) if high else None)
     raise ValueError(f"unknown scorer {spec!r} (vader, hf-classifier:<id>, token-frequency:<id>)")

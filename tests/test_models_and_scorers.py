@@ -38,6 +38,8 @@ def test_vader_scorer_orders_sentiment_and_is_deterministic():
 def test_token_frequency_scorer():
     scorer = build_scorer("token-frequency:7")
     assert scorer(["", ""], ["", ""], [[7, 7, 1, 2], []]) == [0.5, 0.0]
+    ranged = build_scorer("token-frequency:0-9")
+    assert ranged(["", ""], ["", ""], [[7, 70, 1, 2], [10]]) == [0.75, 0.0]
 
 
 def test_hf_classifier_scorer_reads_the_positive_label(tmp_path):

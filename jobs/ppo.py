@@ -1,0 +1,375 @@
+"""PPO (RLHF) over the actor fleet: a single controller moving token ids, log-probs and rewards.
+
+    python -m jobs.ppo --preset ppo_smollm2_vader [key.sub=value ...]
+
+One step: rollout on the generation group -> reference log-probs, rollout log-probs, reward scores
+and critic values (requested concurrently) -> per-token rewards with the KL penalty -> GAE ->
+advantage whitening -> epochs of clipped policy and value updates (policy and critic concurrently)
+-> push the new policy weights to the generators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from actors.batch import collate_sequences
+from actors.critic import CriticActor
+from actors.generation import Completion, GenerationActor, SamplingConfig, generate_sharded
+from actors.group import ActorGroup, ActorResources
+from actors.models import load_tokenizer
+from actors.optim import OptimizerConfig
+from actors.policy import PolicyActor
+from actors.ppo_math import (AdaptiveKLController, FixedKLController, gae_advantages, kl_estimate,
+                             kl_penalized_rewards, masked_mean, masked_whiten)
+from actors.reference import ReferenceActor
+from actors.reward import RewardModelActor
+from jobs.batching import TokenizeConfig, encode_prompt
+from jobs.cluster import init_ray
+from jobs.config import ConfigError, build_config, check_model, save_config
+from jobs.data_source import DataConfig, load_prompt_splits
+from jobs.metrics import MetricsLogger
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass
+class RewardConfig:
+    kind: str = "gold"                 # gold (a scorer) | learned (a reward-model folder)
+    scorer: str | None = "vader"       # for kind=gold: see actors.scorers
+    model: str | None = None           # for kind=learned: output of jobs.reward
+    missing_eos_penalty: float | None = None  # subtracted from the score of responses that never emit EOS
+    clip: float | None = None          # clip scores to [-clip, clip]
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.05
+    estimator: str = "k1"              # per-token estimator in the reward penalty (k1 | k2 | k3)
+    adaptive: bool = False             # Ziegler et al.'s proportional controller
+    target: float = 6.0                # target sequence KL (nats) for the adaptive controller
+    horizon: int = 10000
+    in_loss: bool = False              # put the KL (k3) in the policy loss instead of the reward
+
+
+@dataclass
+class PPOHyper:
+    epochs: int = 4
+    minibatch_size: int = 8            # sequences per optimizer step
+    micro_batch_size: int = 8          # sequences per forward pass
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+
+
+@dataclass
+class PPOConfig:
+    run_name: str = "ppo"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: str = "smollm2"             # the starting policy (an SFT checkpoint in the full pipeline)
+    reference_model: str | None = None  # default: the starting policy
+    critic_model: str | None = None    # default: the reward model if learned, else the starting policy
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenize: TokenizeConfig = field(default_factory=lambda: TokenizeConfig(max_prompt_length=64, max_length=128))
+    rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48))
+    prompts_per_step: int = 16
+    steps: int = 20
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    ppo: PPOHyper = field(default_factory=PPOHyper)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6, eps=1e-5))
+    critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5, eps=1e-5))
+    num_generators: int = 1
+    generation_backend: str = "hf"
+    eval_every: int = 10               # steps; 0 = only at the start and the end
+    eval_prompts: int = 32
+    eval_scorer: str | None = "vader"  # gold scorer for evaluation (independent of the training reward)
+    torch_threads: int | None = None
+    address: str | None = None
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.tokenize.validate()
+        self.rollout.validate("rollout")
+        self.optimizer.validate("optimizer")
+        self.critic_optimizer.validate("critic_optimizer")
+        if self.reward.kind not in ("gold", "learned"):
+            raise ConfigError(f"reward.kind must be gold or learned, got {self.reward.kind!r}")
+        if self.reward.kind == "gold" and not self.reward.scorer:
+            raise ConfigError("reward.scorer is required when reward.kind is gold")
+        if self.reward.kind == "learned" and not self.reward.model:
+            raise ConfigError("reward.model is required when reward.kind is learned")
+        if self.kl.estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"kl.estimator must be one of {KL_ESTIMATORS}, got {self.kl.estimator!r}")
+        if self.kl.coef < 0:
+            raise ConfigError(f"kl.coef must be >= 0, got {self.kl.coef}")
+        if self.kl.adaptive and (self.kl.target <= 0 or self.kl.horizon <= 0):
+            raise ConfigError("kl.target and kl.horizon must be > 0 for the adaptive controller")
+        for key in ("prompts_per_step", "steps", "num_generators"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        hp = self.ppo
+        for key in ("epochs", "minibatch_size", "micro_batch_size"):
+            if getattr(hp, key) < 1:
+                raise ConfigError(f"ppo.{key} must be >= 1, got {getattr(hp, key)}")
+        if hp.minibatch_size % hp.micro_batch_size:
+            raise ConfigError(f"ppo.minibatch_size ({hp.minibatch_size}) must be a multiple of ppo.micro_batch_size "
+                              f"({hp.micro_batch_size})")
+        if not 0 < hp.clip_eps < 1:
+            raise ConfigError(f"ppo.clip_eps must be in (0, 1), got {hp.clip_eps}")
+        if not (0 <= hp.gamma <= 1 and 0 <= hp.lam <= 1):
+            raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {hp.gamma}, {hp.lam}")
+        if self.generation_backend not in ("hf", "vllm"):
+            raise ConfigError(f"generation_backend must be hf or vllm, got {self.generation_backend!r}")
+        for key in ("model", "reference_model", "critic_model"):
+            check_model(key, getattr(self, key))
+        check_model("reward.model", self.reward.model)
+
+
+@dataclass
+class Fleet:
+    policy: ActorGroup
+    reference: ActorGroup
+    reward: ActorGroup
+    critic: ActorGroup
+    generators: ActorGroup
+    judge: ActorGroup | None
+
+    def shutdown(self) -> None:
+        for group in (self.policy, self.reference, self.reward, self.critic, self.generators, self.judge):
+            if group is not None:
+                group.shutdown()
+
+
+def build_fleet(config: PPOConfig) -> Fleet:
+    resources = ActorResources(torch_threads=config.torch_threads)
+    common = {"seed": config.seed}
+    reward_kwargs = ({"kind": "gold", "scorer": config.reward.scorer, "tokenizer": config.model}
+                     if config.reward.kind == "gold" else {"kind": "learned", "model": config.reward.model})
+    critic_model = config.critic_model or (config.reward.model if config.reward.kind == "learned" else config.model)
+    micro = config.ppo.micro_batch_size
+    fleet = Fleet(
+        policy=ActorGroup(PolicyActor, "policy", resources=resources, init_kwargs={
+            "model": config.model, "optimizer": dataclasses.asdict(config.optimizer), "micro_batch_size": micro, **common}),
+        reference=ActorGroup(ReferenceActor, "reference", resources=resources, init_kwargs={
+            "model": config.reference_model or config.model, "micro_batch_size": micro, **common}),
+        reward=ActorGroup(RewardModelActor, "reward", resources=resources, init_kwargs={**reward_kwargs, **common}),
+        critic=ActorGroup(CriticActor, "critic", resources=resources, init_kwargs={
+            "model": critic_model, "optimizer": dataclasses.asdict(config.critic_optimizer), "micro_batch_size": micro,
+            **common}),
+        generators=ActorGroup(GenerationActor, "generator", num_actors=config.num_generators, indexed_names=True,
+                              resources=resources, init_kwargs={
+                                  "model": config.model, "backend": config.generation_backend, **common}),
+        judge=(ActorGroup(RewardModelActor, "judge", resources=ActorResources(num_cpus=0.5, torch_threads=1),
+                          init_kwargs={"kind": "gold", "scorer": config.eval_scorer, "tokenizer": config.model})
+               if config.eval_scorer else None),
+    )
+    for group in (fleet.policy, fleet.reference, fleet.reward, fleet.critic, fleet.generators, fleet.judge):
+        if group is not None:
+            group.wait_ready()
+    return fleet
+
+
+@dataclass
+class Rollout:
+    completions: list[Completion]
+    batch: dict
+    mask: torch.Tensor          # [B, T-1] response tokens in the shifted layout
+    generator_logprobs: torch.Tensor
+
+
+def make_rollout(completions: list[Completion], pad_id: int) -> Rollout:
+    batch = collate_sequences([c.prompt_ids for c in completions], [c.response_ids for c in completions], pad_id)
+    mask = batch["loss_mask"][:, 1:].float()
+    gen = torch.zeros_like(mask)
+    for i, c in enumerate(completions):
+        positions = mask[i].nonzero().squeeze(-1)
+        gen[i, positions] = torch.tensor(c.logprobs, dtype=torch.float32)
+    return Rollout(completions, batch, mask, gen)
+
+
+def evaluate(fleet: Fleet, prompts: list[list[int]], config: PPOConfig, pad_id: int) -> dict:
+    """Gold reward and sequence KL to the reference of samples from the current policy (held-out prompts)."""
+    if not prompts:
+        return {}
+    sampling = dataclasses.replace(config.rollout, n=1, seed=config.seed + 10_000)
+    completions = generate_sharded(fleet.generators, prompts, sampling)
+    rollout = make_rollout(completions, pad_id)
+    pol_ref = fleet.policy.call_all("logprobs", rollout.batch)[0]
+    ref_ref = fleet.reference.call_all("logprobs", rollout.batch)[0]
+    prompt_ids, response_ids = [c.prompt_ids for c in completions], [c.response_ids for c in completions]
+    judge = fleet.judge or fleet.reward
+    gold = judge.run_one("score", prompt_ids, response_ids)["scores"]
+    policy_lp, reference_lp = ray.get([pol_ref, ref_ref])
+    seq_kl = (policy_lp["sum"] - reference_lp["sum"])  # E_pi[log pi - log ref] estimated from samples
+    return {"eval/gold_reward_mean": float(gold.mean()), "eval/gold_reward_std": float(gold.std()),
+            "eval/kl": float(seq_kl.mean()), "eval/response_length": float(rollout.mask.sum(-1).mean())}
+
+
+def train(config: PPOConfig) -> dict:
+    out = Path(config.output_dir) / config.run_name
+    save_config(config, out)
+    tokenizer = load_tokenizer(config.model)
+    pad_id = tokenizer.pad_token_id
+    train_prompts, eval_prompts, report = load_prompt_splits(config.data, config.seed)
+    encode = lambda records: [encode_prompt(tokenizer, r.prompt, config.tokenize)[-config.tokenize.max_prompt_length:]
+                              for r in records]
+    train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)[: config.eval_prompts]
+    if not train_ids:
+        raise ConfigError(f"data.train: no prompts in {config.data.train!r}")
+    print(f"[data] {len(train_ids)} train / {len(eval_ids)} eval prompts; {json.dumps(report)}")
+
+    init_ray(config.address, namespace=f"rayalign-{config.run_name}")
+    fleet = build_fleet(config)
+    hp = config.ppo
+    ppo_args = {**dataclasses.asdict(hp), "seed": config.seed,
+                "kl_in_loss_coef": config.kl.coef if config.kl.in_loss else 0.0}
+    kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
+              else FixedKLController(config.kl.coef))
+    logger = MetricsLogger(out)
+    rng = np.random.default_rng(config.seed)
+    order: list[int] = []
+    start_all = time.perf_counter()
+    totals = {"tokens_generated": 0, "tokens_trained": 0}
+    first_eval = evaluate(fleet, eval_ids, config, pad_id)
+    logger.log(0, first_eval)
+    print(f"[eval] step 0: {json.dumps({k: round(v, 4) for k, v in first_eval.items()})}")
+    last_eval = first_eval
+    bar = tqdm(range(1, config.steps + 1), desc="ppo", unit="step", dynamic_ncols=True)
+    for step in bar:
+        t_step = time.perf_counter()
+        while len(order) < config.prompts_per_step:
+            order.extend(rng.permutation(len(train_ids)).tolist())
+        index, order = order[:config.prompts_per_step], order[config.prompts_per_step:]
+        timing: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        sampling = dataclasses.replace(config.rollout, seed=config.seed * 100_003 + step)
+        rollout = make_rollout(generate_sharded(fleet.generators, [train_ids[i] for i in index], sampling), pad_id)
+        timing["generate"] = time.perf_counter() - t0
+        mask = rollout.mask
+        prompt_ids = [c.prompt_ids for c in rollout.completions]
+        response_ids = [c.response_ids for c in rollout.completions]
+
+        # The four scoring passes run on four actors at once.
+        refs = {"policy": fleet.policy.call_all("logprobs", rollout.batch)[0],
+                "reference": fleet.reference.call_all("logprobs", rollout.batch)[0],
+                "reward": fleet.reward.call_all("score", prompt_ids, response_ids)[0],
+                "critic": fleet.critic.call_all("values", rollout.batch)[0]}
+        results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
+        old_logprobs = results["policy"]["token_logps"]
+        ref_logprobs = results["reference"]["token_logps"]
+        values = results["critic"]["values"]
+        scores = results["reward"]["scores"].clone()
+        timing.update({"ref": float(results["reference"]["seconds"]), "reward": float(results["reward"]["seconds"]),
+                       "values": float(results["critic"]["seconds"]), "old_logprobs": float(results["policy"]["seconds"])})
+
+        t0 = time.perf_counter()
+        raw_scores = scores.clone()
+        no_eos = torch.tensor([c.finish_reason != "stop" for c in rollout.completions])
+        if config.reward.missing_eos_penalty is not None:
+            scores = scores - config.reward.missing_eos_penalty * no_eos.float()
+        kl_coef_now = 0.0 if config.kl.in_loss else kl_ctl.value
+        token_rewards, token_kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef_now,
+                                                       config.kl.estimator, config.reward.clip)
+        if hp.whiten_rewards:
+            token_rewards = masked_whiten(token_rewards, mask, shift_mean=False)
+        advantages, returns = gae_advantages(token_rewards, values, mask, hp.gamma, hp.lam)
+        if hp.whiten_advantages:
+            advantages = masked_whiten(advantages, mask) * mask
+        seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
+        timing["advantages"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        actor_ref = fleet.policy.call_all("train_ppo", rollout.batch, old_logprobs, advantages, ppo_args,
+                                          ref_logprobs if config.kl.in_loss else None)[0]
+        critic_ref = fleet.critic.call_all("train_value", rollout.batch, values, returns, ppo_args)[0]
+        actor_metrics, critic_metrics = fleet.policy.get([actor_ref, critic_ref], "train")
+        timing["update_actor"] = actor_metrics["timing_s/update"] * actor_metrics["actor/updates"]
+        timing["update_critic"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        weights = ray.put(fleet.policy.run_one("named_weights"))
+        fleet.generators.run_all("update_weights", weights, step)
+        timing["sync_weights"] = time.perf_counter() - t0
+        kl_ctl.update(float(seq_kl.mean()), config.prompts_per_step * config.rollout.n)
+        timing["step"] = time.perf_counter() - t_step
+
+        generated = int(mask.sum())
+        totals["tokens_generated"] += generated
+        totals["tokens_trained"] += int(actor_metrics["tokens"])
+        metrics = {
+            **{k: v for k, v in actor_metrics.items() if k.startswith("actor/")},
+            **{k: v for k, v in critic_metrics.items() if k in ("critic/vf_loss", "critic/vf_clipfrac", "critic/vf_explained_var")},
+            "actor/grad_norm": actor_metrics["grad_norm"], "actor/lr": actor_metrics["lr"],
+            "reward/score_mean": float(raw_scores.mean()), "reward/score_std": float(raw_scores.std()),
+            "reward/penalized_score_mean": float(scores.mean()),
+            "reward/kl_penalty": float(-(kl_coef_now * token_kl * mask).sum(-1).mean()),
+            "reward/no_eos_fraction": float(no_eos.float().mean()),
+            "objective/kl": float(seq_kl.mean()), "objective/kl_coef": kl_ctl.value,
+            "objective/entropy": float(-(old_logprobs * mask).sum(-1).mean()),
+            "rollout/logprob_diff": float(masked_mean((rollout.generator_logprobs - old_logprobs).abs(), mask)),
+            "response_length/mean": float(mask.sum(-1).mean()),
+            "perf/tokens_per_s": generated / timing["step"],
+            **{f"timing_s/{k}": v for k, v in timing.items()},
+        }
+        if eval_ids and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+            last_eval = evaluate(fleet, eval_ids, config, pad_id)
+            metrics.update(last_eval)
+        logger.log(step, metrics)
+        bar.set_postfix(score=f"{metrics['reward/score_mean']:+.3f}", kl=f"{metrics['objective/kl']:.2f}",
+                        len=f"{metrics['response_length/mean']:.0f}", s=f"{timing['step']:.1f}")
+    logger.close()
+    checkpoint = out / "checkpoint"
+    fleet.policy.run_one("save", str(checkpoint))
+    save_config(config, checkpoint)
+    fleet.shutdown()
+    summary = {"steps": config.steps, "wall_s": time.perf_counter() - start_all, "checkpoint": str(checkpoint),
+               **totals, "start": first_eval, "end": last_eval, "kl_coef_final": kl_ctl.value}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"[eval] start {json.dumps(first_eval)}\n[eval] end   {json.dumps(last_eval)}")
+    print(f"[done] {config.steps} steps; checkpoint {checkpoint}")
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.ppo", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default=None, help="a name under jobs/presets or a YAML path")
+    p.add_argument("--data", default=None, help="prompt source (same as data.train=...)")
+    p.add_argument("--skip-bad-rows", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. kl.coef=0.1")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.train={args.data}")
+    if args.skip_bad_rows:
+        overrides.append("data.skip_bad_rows=true")
+    try:
+        config = build_config(PPOConfig, args.preset, overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}")
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
