@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +39,17 @@ class PolicyActor(TrainableMixin, ModelWorker):
 
         return self._optimizer_step([(rows.stop - rows.start, part(mb)) for rows, _, mb
                                      in micro_batches(batch, micro_batch_size or self.micro_batch_size)])
+
+    @torch.no_grad()
+    def eval_sft(self, batch: Batch, micro_batch_size: int | None = None) -> dict[str, float]:
+        """Summed response NLL and token count on held-out rows (the driver divides to get NLL/token)."""
+        self.model.eval()
+        nll, tokens = 0.0, 0.0
+        for _, _, mb in micro_batches(batch, micro_batch_size or self.micro_batch_size):
+            out = self._response_logprobs(mb)
+            nll -= float(out.token_logps.sum())
+            tokens += float(out.mask.sum())
+        return {"nll_sum": nll, "response_tokens": tokens}
 
     # -- DPO family ---------------------------------------------------------------------------------
     def _preference_forward(self, mb: Batch, ref_chosen, ref_rejected, loss: dict):
@@ -106,6 +118,7 @@ class PolicyActor(TrainableMixin, ModelWorker):
         minibatch reproduces those log-probs exactly (ratio 1); later epochs are shuffled (seeded).
         With ``ppo['kl_in_loss_coef'] > 0`` the KL to ``ref_logprobs`` is a loss term instead of a reward.
         """
+        start_all = time.perf_counter()
         rows = batch["input_ids"].shape[0]
         minibatch = ppo.get("minibatch_size", rows)
         micro = ppo.get("micro_batch_size", self.micro_batch_size)
@@ -127,6 +140,7 @@ class PolicyActor(TrainableMixin, ModelWorker):
         mean["actor/ratio_max_dev_first_minibatch"] = first_ratio_dev
         mean["actor/updates"] = float(len(history))
         mean["tokens"] = sum(m["tokens"] for m in history)
+        mean["timing_s/total"] = time.perf_counter() - start_all
         return mean
 
     def _ppo_forward(self, batch: Batch, index: torch.Tensor, old_logprobs, advantages, ref_logprobs, ppo: dict):

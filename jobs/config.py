@@ -162,3 +162,30 @@ def check_model(key: str, value: str | None) -> None:
         resolve_model_path(value)
     except FileNotFoundError as exc:
         raise ConfigError(f"{key}: {exc}") from exc
+
+
+def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str | None, argv=None,
+            override_help: str = "key.sub=value overrides") -> int:
+    """The command line every driver shares: ``--preset``, ``--data``, ``--skip-bad-rows``, overrides.
+
+    A bad config exits with a message naming the key before any actor starts.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").strip().splitlines()[0] if doc else None)
+    parser.add_argument("--preset", default=None, help="a name under jobs/presets or a YAML path")
+    parser.add_argument("--data", default=None, help="training data spec (same as data.train=...)")
+    parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
+    parser.add_argument("overrides", nargs="*", help=override_help)
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.train={args.data}")
+    if args.skip_bad_rows:
+        overrides.append("data.skip_bad_rows=true")
+    try:
+        config = build_config(cls, args.preset, overrides)
+    except (ConfigError, ValueError) as exc:
+        raise SystemExit(f"config error: {exc}")
+    train(config)
+    return 0

@@ -516,7 +516,9 @@ def _imdb_row_parser(seed: int, min_words: int, max_words: int) -> Callable[[_Ro
         if len(words) < min_words:
             raise row.error("text", f"review has {len(words)} words, fewer than min_words={min_words}", "too_short")
         count = min(imdb_prompt_words(seed, row.number, min_words, max_words), len(words))
-        return row.prompt_record(" ".join(words[:count]), {"label": row.integer("label"), "prompt_words": count})
+        # The rest of the review is kept: SFT on IMDb (the paper's starting policy) continues the prefix.
+        return row.prompt_record(" ".join(words[:count]), {"label": row.integer("label"), "prompt_words": count,
+                                                           "continuation": " ".join(words[count:])})
 
     return parse
 

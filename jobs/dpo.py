@@ -8,15 +8,12 @@ forward pass over chosen+rejected per micro-batch and accumulates to ``batch_siz
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from actors.batch import collate_pairs
@@ -28,9 +25,10 @@ from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from jobs.batching import EncodedPair, TokenizeConfig, encode_pairs
 from jobs.cluster import init_ray
-from jobs.config import ConfigError, build_config, check_model, save_config
+from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
 from jobs.metrics import MetricsLogger
+from jobs.sampler import ShuffledBatches, plan_steps
 from jobs.reference_cache import reference_logps
 
 
@@ -172,21 +170,15 @@ def train(config: DPOConfig) -> dict:
         reference = None
 
     loss = dataclasses.asdict(config.loss)
-    steps_per_epoch = max(1, len(train_enc) // config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps) if config.epochs > 1 else config.max_steps
+    steps_per_epoch, total_steps = plan_steps(len(train_enc), config.batch_size, config.epochs, config.max_steps)
     logger = MetricsLogger(out)
-    rng = np.random.default_rng(config.seed)
-    order: list[int] = []
+    batches = ShuffledBatches(len(train_enc), config.batch_size, config.seed)
     start_all = time.perf_counter()
     tokens_trained = 0
     last_eval: dict = {}
     bar = tqdm(range(1, total_steps + 1), desc=f"dpo[{config.loss.variant}]", unit="step", dynamic_ncols=True)
     for step in bar:
-        while len(order) < config.batch_size:  # reshuffle each pass over the data
-            order.extend(rng.permutation(len(train_enc)).tolist())
-        index, order = order[:config.batch_size], order[config.batch_size:]
+        index = batches.next()
         pairs = [train_enc[i] for i in index]
         rc, rr = ref_train(index)
         t0 = time.perf_counter()
@@ -220,29 +212,8 @@ def train(config: DPOConfig) -> dict:
     return summary
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.dpo", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default=None, help="a name under jobs/presets or a YAML path")
-    p.add_argument("--data", default=None, help="training data spec (same as data.train=...)")
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.beta=0.5")
-    return p.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.train={args.data}")
-    if args.skip_bad_rows:
-        overrides.append("data.skip_bad_rows=true")
-    try:
-        config = build_config(DPOConfig, args.preset, overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"config error: {exc}")
-    torch.manual_seed(config.seed)
-    train(config)
-    return 0
+    return run_cli(DPOConfig, train, "python -m jobs.dpo", __doc__, argv, "key.sub=value overrides, e.g. loss.beta=0.5")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,175 @@
+"""Supervised fine-tuning on response tokens only: the SFT starting policy and the Preferred-FT baseline.
+
+    python -m jobs.sft --preset sft_tiny [key.sub=value ...]
+
+``target`` picks the demonstrations:
+- ``chosen``: the preferred reply of each preference pair (Preferred-FT in the DPO paper);
+- ``continuation``: the rest of each IMDb review after its prompt prefix (the paper's SFT policy).
+The loss is the mean NLL of response tokens; prompt tokens are masked out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from actors.batch import collate_sequences
+from actors.group import ActorGroup, ActorResources
+from actors.models import load_tokenizer
+from actors.optim import OptimizerConfig
+from actors.policy import PolicyActor
+from jobs.batching import TokenizeConfig, encode_prompt, encode_response, fit_lengths
+from jobs.cluster import init_ray
+from jobs.config import ConfigError, check_model, run_cli, save_config
+from jobs.data_source import DataConfig, load_pair_splits, load_prompt_splits
+from jobs.metrics import MetricsLogger
+from jobs.sampler import ShuffledBatches, plan_steps
+
+TARGETS = ("chosen", "continuation")
+
+
+@dataclass
+class SFTConfig:
+    run_name: str = "sft"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: str = "smollm2"
+    data: DataConfig = field(default_factory=DataConfig)
+    target: str = "chosen"
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5, warmup_steps=10))
+    batch_size: int = 16          # sequences per optimizer step
+    micro_batch_size: int = 8     # sequences per forward pass
+    epochs: int = 1
+    max_steps: int | None = None
+    eval_every: int = 50          # steps; 0 = only at the start and the end
+    autocast_bf16: bool = False
+    torch_threads: int | None = None
+    address: str | None = None
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.tokenize.validate()
+        self.optimizer.validate()
+        if self.target not in TARGETS:
+            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
+        for key in ("batch_size", "micro_batch_size", "epochs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        check_model("model", self.model)
+
+
+@dataclass
+class Demonstration:
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+def load_demonstrations(config: SFTConfig, tokenizer) -> tuple[list[Demonstration], list[Demonstration], dict]:
+    """(train, eval) prompt/response token ids for ``config.target``, with the loader's report."""
+    if config.target == "chosen":
+        train, evals, report = load_pair_splits(config.data, config.seed)
+        texts = lambda records: [(r.prompt, r.chosen, r.source) for r in records]
+    else:
+        train, evals, report = load_prompt_splits(config.data, config.seed)
+        missing = [r.source for r in train if "continuation" not in r.metadata]
+        if missing:
+            raise ConfigError(f"target=continuation needs an IMDb-style prompt source (imdb:...); "
+                              f"{missing[0]} has no continuation")
+        texts = lambda records: [(r.prompt, r.metadata["continuation"], r.source) for r in records]
+
+    def encode(records):
+        out = []
+        for prompt, response, source in texts(records):
+            if not response.strip():
+                continue  # an IMDb review no longer than its prefix: nothing to learn from
+            fitted = fit_lengths(encode_prompt(tokenizer, prompt, config.tokenize),
+                                 [encode_response(tokenizer, response)], config.tokenize, source)
+            if fitted is not None:
+                out.append(Demonstration(fitted[0], fitted[1][0]))
+        return out
+
+    return encode(train), encode(evals), report
+
+
+def _batch(demos: list[Demonstration], pad_id: int):
+    return collate_sequences([d.prompt_ids for d in demos], [d.response_ids for d in demos], pad_id)
+
+
+def evaluate(policy: ActorGroup, demos: list[Demonstration], pad_id: int, micro: int, chunk: int = 64) -> dict:
+    nll, tokens = 0.0, 0.0
+    for start in range(0, len(demos), chunk):
+        part = policy.run_one("eval_sft", _batch(demos[start:start + chunk], pad_id), micro)
+        nll, tokens = nll + part["nll_sum"], tokens + part["response_tokens"]
+    mean = nll / max(tokens, 1.0)
+    return {"eval/nll": mean, "eval/perplexity": float(np.exp(min(mean, 50.0)))}
+
+
+def train(config: SFTConfig) -> dict:
+    out = Path(config.output_dir) / config.run_name
+    save_config(config, out)
+    tokenizer = load_tokenizer(config.model)
+    pad_id = tokenizer.pad_token_id
+    train_demos, eval_demos, report = load_demonstrations(config, tokenizer)
+    if not train_demos:
+        raise ConfigError(f"data.train: no usable demonstrations in {config.data.train!r}")
+    print(f"[data] {len(train_demos)} train / {len(eval_demos)} eval demonstrations ({config.target}); "
+          f"{json.dumps(report)}")
+
+    init_ray(config.address, namespace=f"rayalign-{config.run_name}")
+    policy = ActorGroup(PolicyActor, "policy", resources=ActorResources(torch_threads=config.torch_threads),
+                        init_kwargs={"model": config.model, "optimizer": dataclasses.asdict(config.optimizer),
+                                     "seed": config.seed, "autocast_bf16": config.autocast_bf16,
+                                     "micro_batch_size": config.micro_batch_size})
+    policy.wait_ready()
+    steps_per_epoch, total_steps = plan_steps(len(train_demos), config.batch_size, config.epochs, config.max_steps)
+    logger = MetricsLogger(out)
+    first_eval = evaluate(policy, eval_demos, pad_id, config.micro_batch_size) if eval_demos else {}
+    logger.log(0, first_eval)
+    last_eval = first_eval
+    batches = ShuffledBatches(len(train_demos), config.batch_size, config.seed)
+    tokens_trained, start_all = 0, time.perf_counter()
+    bar = tqdm(range(1, total_steps + 1), desc=f"sft[{config.target}]", unit="step", dynamic_ncols=True)
+    for step in bar:
+        index = batches.next()
+        t0 = time.perf_counter()
+        metrics = policy.run_one("train_sft", _batch([train_demos[i] for i in index], pad_id), config.micro_batch_size)
+        seconds = time.perf_counter() - t0
+        tokens_trained += int(metrics["tokens"])
+        metrics.update({"timing_s/step": seconds, "perf/tokens_per_s": metrics["tokens"] / seconds,
+                        "epoch": step / steps_per_epoch})
+        if eval_demos and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
+            last_eval = evaluate(policy, eval_demos, pad_id, config.micro_batch_size)
+            metrics.update(last_eval)
+        logger.log(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
+    logger.close()
+    checkpoint = out / "checkpoint"
+    policy.run_one("save", str(checkpoint))
+    save_config(config, checkpoint)
+    policy.shutdown()
+    summary = {"steps": total_steps, "train_examples": len(train_demos), "eval_examples": len(eval_demos),
+               "tokens_trained": tokens_trained, "wall_s": time.perf_counter() - start_all,
+               "checkpoint": str(checkpoint), "start": first_eval, "end": last_eval}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"[eval] start {json.dumps(first_eval)}\n[eval] end   {json.dumps(last_eval)}")
+    print(f"[done] {total_steps} steps; checkpoint {checkpoint}")
+    return summary
+
+
+def main(argv=None) -> int:
+    return run_cli(SFTConfig, train, "python -m jobs.sft", __doc__, argv, "key.sub=value overrides, e.g. optimizer.lr=2e-5")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

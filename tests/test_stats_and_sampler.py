@@ -1,0 +1,49 @@
+"""Bootstrap confidence intervals and the shuffled batch order every driver uses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jobs.sampler import ShuffledBatches, plan_steps
+from jobs.stats import bootstrap_ci
+
+
+def test_bootstrap_ci_matches_a_direct_resampling_loop():
+    values = np.array([0.1, -0.4, 0.9, 0.3, 0.0, 0.7, -0.2])
+    low, high = bootstrap_ci(values, confidence=0.9, resamples=500, seed=3)
+    rng = np.random.default_rng(3)
+    draws = rng.integers(0, len(values), size=(500, len(values)))
+    means = [values[row].mean() for row in draws]
+    assert (low, high) == pytest.approx((np.quantile(means, 0.05), np.quantile(means, 0.95)))
+    assert low < values.mean() < high
+
+
+def test_bootstrap_ci_narrows_with_more_data_and_handles_one_value():
+    rng = np.random.default_rng(0)
+    small = bootstrap_ci(rng.normal(size=20))
+    large = bootstrap_ci(rng.normal(size=2000))
+    assert large[1] - large[0] < (small[1] - small[0]) / 5
+    # The normal-theory half-width 1.96/sqrt(n) is what the bootstrap should approximate.
+    assert (large[1] - large[0]) / 2 == pytest.approx(1.96 / np.sqrt(2000), rel=0.15)
+    assert bootstrap_ci([0.5]) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_ci([])
+
+
+def test_shuffled_batches_cover_each_pass_once_and_are_seeded():
+    batches = ShuffledBatches(10, 4, seed=7)
+    drawn = [batches.next() for _ in range(5)]  # 20 indices = two whole passes
+    flat = [i for b in drawn for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    again = ShuffledBatches(10, 4, seed=7)
+    assert [again.next() for _ in range(5)] == drawn
+    assert [ShuffledBatches(10, 4, seed=8).next() for _ in range(5)] != drawn
+
+
+def test_plan_steps():
+    assert plan_steps(100, 16, 1, None) == (6, 6)
+    assert plan_steps(100, 16, 3, None) == (6, 18)
+    assert plan_steps(100, 16, 3, 10) == (6, 10)      # cap on a multi-epoch run
+    assert plan_steps(100, 16, 1, 30) == (6, 30)      # one epoch: max_steps sets the length
+    assert plan_steps(5, 16, 1, None) == (1, 1)
