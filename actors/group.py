@@ -7,6 +7,7 @@ code changing. Every blocking gather has a timeout and names the role and method
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -46,9 +47,11 @@ class ActorGroup:
         kwargs = dict(init_kwargs or {})
         kwargs.setdefault("torch_threads", self.resources.torch_threads)
         remote_cls = ray.remote(actor_cls)
+        self.started = time.perf_counter()
+        self.gpus_per_actor = self.resources.resolved_gpus()
         self.actors = [
             remote_cls.options(
-                name=name, num_cpus=self.resources.num_cpus, num_gpus=self.resources.resolved_gpus(),
+                name=name, num_cpus=self.resources.num_cpus, num_gpus=self.gpus_per_actor,
                 resources=dict(self.resources.resources), max_restarts=self.resources.max_restarts,
             ).remote(**kwargs)
             for name in self.names
@@ -106,10 +109,47 @@ class ActorGroup:
         """Block until every actor has loaded its model; returns each actor's info()."""
         return self.run_all("info", timeout_s=timeout_s)
 
+    def process_seconds(self, timeout_s: float = 30.0) -> list[float]:
+        """CPU seconds each actor's process has used so far (user + system, all threads)."""
+        refs = [actor.__ray_call__.remote(_process_cpu_seconds) for actor in self.actors]
+        return self.get(refs, "process_seconds", timeout_s)
+
     def shutdown(self) -> None:
+        """Kill the actors, first booking their CPU seconds and device seconds in ``COMPUTE_LEDGER``."""
+        if self.actors:
+            try:
+                cpu = sum(self.process_seconds())
+            except ActorCallError:
+                cpu = float("nan")  # an actor already died: its time is unknown, not zero
+            lifetime = time.perf_counter() - self.started
+            COMPUTE_LEDGER.book(self.role, cpu, lifetime * self.gpus_per_actor * len(self.actors))
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def _process_cpu_seconds(_actor) -> float:
+    return time.process_time()
+
+
+class ComputeLedger:
+    """Compute spent by actors this driver created, by role: CPU seconds of their processes and
+    device seconds (lifetime × GPUs held). Drivers read it for their summaries; jobs.compare takes
+    differences around each stage."""
+
+    def __init__(self):
+        self.cpu_s: dict[str, float] = {}
+        self.device_s: dict[str, float] = {}
+
+    def book(self, role: str, cpu_s: float, device_s: float) -> None:
+        self.cpu_s[role] = self.cpu_s.get(role, 0.0) + cpu_s
+        self.device_s[role] = self.device_s.get(role, 0.0) + device_s
+
+    def snapshot(self) -> dict[str, float]:
+        return {"cpu_s": sum(self.cpu_s.values()), "device_s": sum(self.device_s.values())}
+
+
+COMPUTE_LEDGER = ComputeLedger()
 
 
 def _is_large(value: Any) -> bool:

@@ -133,7 +133,8 @@ def build_config(cls: type[T], preset: str | None = None, overrides: list[str] |
 
 
 def config_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """A config dataclass (or a plain mapping, e.g. a stage key) as plain data."""
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
 def config_hash(config, length: int = 12) -> str:

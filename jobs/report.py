@@ -1,0 +1,254 @@
+"""The comparison report: tables (CSV + Parquet), plots, and one self-contained HTML file.
+
+Every sentence of the summary is computed from the tables; nothing is written by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from jobs.evaluate import summarize, win_rates  # noqa: E402
+
+METHOD_COLORS = {"SFT": "#555555", "PPO": "#1f77b4", "PPO-GT": "#17becf", "DPO": "#d62728",
+                 "Preferred-FT": "#2ca02c", "Best-of-N": "#9467bd"}
+TOKEN_KEYS = ("tokens_generated", "tokens_trained")
+
+
+def _stage_compute(stages: dict, names: list[str]) -> dict:
+    total = {"wall_s": 0.0, "cpu_s": 0.0, "device_s": 0.0, "tokens_generated": 0, "tokens_trained": 0}
+    for name in names:
+        stage = stages[name]
+        for key in ("wall_s", "cpu_s", "device_s"):
+            total[key] += stage.compute[key]
+        for key in TOKEN_KEYS:
+            total[key] += int(stage.summary.get(key, 0) or 0)
+    return total
+
+
+def build_tables(config, policies: dict, evaluations: dict, stages: dict, best_of_n: pd.DataFrame | None) -> dict:
+    rows, wins = [], []
+    baseline = evaluations["SFT"]
+    for run, info in policies.items():
+        metrics = summarize(evaluations[run], config.eval, config.seed)
+        own = _stage_compute(stages, info["stages"][-1:]) if info["stages"] else _stage_compute(stages, [])
+        total = _stage_compute(stages, info["stages"])
+        rows.append({"run": run, "method": info["method"], "param": info["param"], **metrics,
+                     **{f"own_{k}": v for k, v in own.items()}, **{f"total_{k}": v for k, v in total.items()},
+                     "stages": "+".join(info["stages"])})
+        table = win_rates(evaluations[run], baseline, config.seed)
+        table.insert(0, "method", info["method"])
+        table.insert(0, "run", run)
+        wins.append(table)
+    runs = pd.DataFrame(rows)
+    tables = {"runs": runs, "win_rates": pd.concat(wins, ignore_index=True)}
+    if best_of_n is not None:
+        bon = best_of_n.copy()
+        total = _stage_compute(stages, list(bon["stages"].iloc[0]))
+        bon["total_cpu_s"] = total["cpu_s"]
+        bon["total_wall_s"] = total["wall_s"]
+        tables["best_of_n"] = bon.drop(columns=["stages"])
+    tables["compute_matched"] = compute_matched(runs)
+    tables["stages"] = pd.DataFrame([{"stage": s.name, "skipped": s.skipped, **s.compute,
+                                      **{k: s.summary.get(k) for k in TOKEN_KEYS}} for s in stages.values()])
+    return tables
+
+
+def compute_matched(runs: pd.DataFrame, cost: str = "total_cpu_s") -> pd.DataFrame:
+    """The best gold reward each method reaches within one budget: the largest of the methods' cheapest
+    runs, so every method has at least one run within it. The SFT starting point is excluded."""
+    trained = runs[runs["method"] != "SFT"]
+    if trained.empty:
+        return pd.DataFrame()
+    budget = trained.groupby("method")[cost].min().max()
+    rows = []
+    for method, group in trained.groupby("method"):
+        within = group[group[cost] <= budget]
+        best = within.loc[within["gold_reward"].idxmax()] if len(within) else None
+        rows.append({"method": method, "budget_cpu_s": budget, "runs_within_budget": len(within),
+                     "best_run": None if best is None else best["run"],
+                     "best_gold_reward": None if best is None else best["gold_reward"],
+                     "ci_low": None if best is None else best["gold_reward_ci_low"],
+                     "ci_high": None if best is None else best["gold_reward_ci_high"],
+                     "kl": None if best is None else best["kl"]})
+    return pd.DataFrame(rows).sort_values("best_gold_reward", ascending=False, na_position="last")
+
+
+def summary_sentences(tables: dict) -> list[str]:
+    runs = tables["runs"]
+    sft = runs[runs["method"] == "SFT"].iloc[0]
+    trained = runs[runs["method"] != "SFT"]
+    out = [f"The SFT policy scores {sft.gold_reward:.3f} gold reward "
+           f"(95% CI {sft.gold_reward_ci_low:.3f} to {sft.gold_reward_ci_high:.3f})."]
+    if trained.empty:
+        return out
+    best = trained.loc[trained["gold_reward"].idxmax()]
+    above = "above" if best.gold_reward_ci_low > sft.gold_reward_ci_high else "not clearly above"
+    ties = int((trained["gold_reward"] == best.gold_reward).sum()) - 1
+    tied = f" (tied with {ties} other run{'s' if ties > 1 else ''})" if ties else ""
+    out.append(f"Highest gold reward{tied}: {best.run} ({best.method}) at {best.gold_reward:.3f} "
+               f"(CI {best.gold_reward_ci_low:.3f} to {best.gold_reward_ci_high:.3f}, KL {best.kl:.2f} nats), "
+               f"{above} the SFT policy's interval.")
+    for method, group in trained.groupby("method"):
+        top = group.loc[group["gold_reward"].idxmax()]
+        out.append(f"{method}: best run {top.run}, gold {top.gold_reward:.3f} at KL {top.kl:.2f}; "
+                   f"{len(group)} run(s) spanning KL {group.kl.min():.2f} to {group.kl.max():.2f}.")
+    if {"PPO", "DPO"} <= set(trained["method"]):
+        ppo = trained[trained.method == "PPO"].loc[lambda d: d.gold_reward.idxmax()]
+        dpo = trained[trained.method == "DPO"].loc[lambda d: d.gold_reward.idxmax()]
+        overlap = not (ppo.gold_reward_ci_low > dpo.gold_reward_ci_high or dpo.gold_reward_ci_low > ppo.gold_reward_ci_high)
+        diff = dpo.gold_reward - ppo.gold_reward
+        leader = "tied" if diff == 0 else ("DPO ahead" if diff > 0 else "PPO ahead")
+        out.append(f"Best DPO minus best PPO: {diff:+.3f} gold reward ({leader}; "
+                   f"confidence intervals {'overlap' if overlap else 'do not overlap'}).")
+    wins = tables["win_rates"]
+    hot = wins[(wins.method != "SFT")]
+    if not hot.empty:
+        t_best = hot.loc[hot["win_rate"].idxmax()]
+        out.append(f"Highest win rate against SFT: {t_best.run} at temperature {t_best.temperature:g}, "
+                   f"{t_best.win_rate:.2f} (CI {t_best.win_rate_ci_low:.2f} to {t_best.win_rate_ci_high:.2f}).")
+    matched = tables["compute_matched"].dropna(subset=["best_gold_reward"])
+    if not matched.empty:
+        top = matched.iloc[0]
+        out.append(f"Within the same compute budget ({top.budget_cpu_s:.0f} CPU-seconds including reward-model, "
+                   f"preference-data and reference costs), {top.method} reaches the highest gold reward "
+                   f"({top.best_gold_reward:.3f}, run {top.best_run}).")
+    if "best_of_n" in tables:
+        bon = tables["best_of_n"]
+        last = bon.iloc[-1]
+        out.append(f"Best-of-{int(last['n'])} with the learned reward: gold {last['gold_reward']:.3f} at analytic KL "
+                   f"{last['kl_analytic']:.2f}; selecting by the gold reward itself would reach {last['oracle_gold_reward']:.3f}.")
+    return out
+
+
+# -- plots ------------------------------------------------------------------------------------------
+def _figure_png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def plot_frontier(tables: dict) -> str:
+    runs = tables["runs"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, group in runs.groupby("method"):
+        ax.errorbar(group["kl"], group["gold_reward"],
+                    xerr=[group["kl"] - group["kl_ci_low"], group["kl_ci_high"] - group["kl"]],
+                    yerr=[group["gold_reward"] - group["gold_reward_ci_low"], group["gold_reward_ci_high"] - group["gold_reward"]],
+                    fmt="o", capsize=3, color=METHOD_COLORS.get(method), label=method)
+    if "best_of_n" in tables:
+        bon = tables["best_of_n"]
+        ax.plot(bon["kl_analytic"], bon["gold_reward"], "s--", color=METHOD_COLORS["Best-of-N"], label="Best-of-N")
+    ax.set_xlabel("KL(π ‖ π_SFT), nats (sampled, 95% CI)")
+    ax.set_ylabel("gold reward (95% CI)")
+    ax.set_title("Reward–KL frontier")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _figure_png(fig)
+
+
+def plot_win_rates(tables: dict) -> str:
+    wins = tables["win_rates"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for run, group in wins.groupby("run"):
+        method = group["method"].iloc[0]
+        if method == "SFT":
+            continue
+        ax.errorbar(group["temperature"], group["win_rate"],
+                    yerr=[group["win_rate"] - group["win_rate_ci_low"], group["win_rate_ci_high"] - group["win_rate"]],
+                    marker="o", capsize=2, color=METHOD_COLORS.get(method), label=run, alpha=0.85)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("sampling temperature")
+    ax.set_ylabel("win rate vs SFT (gold judge)")
+    ax.set_title("Win rate against the SFT policy")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _figure_png(fig)
+
+
+def plot_reward_vs_compute(tables: dict) -> str:
+    runs = tables["runs"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, group in runs.groupby("method"):
+        ax.errorbar(group["total_cpu_s"], group["gold_reward"],
+                    yerr=[group["gold_reward"] - group["gold_reward_ci_low"], group["gold_reward_ci_high"] - group["gold_reward"]],
+                    fmt="o", capsize=3, color=METHOD_COLORS.get(method), label=method)
+    if "best_of_n" in tables:
+        bon = tables["best_of_n"]
+        ax.plot(bon["total_cpu_s"], bon["gold_reward"], "s", color=METHOD_COLORS["Best-of-N"], label="Best-of-N")
+    ax.set_xlabel("compute spent, CPU-seconds (incl. reward model, preference data, reference)")
+    ax.set_ylabel("gold reward")
+    ax.set_title("Reward vs compute")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _figure_png(fig)
+
+
+def plot_best_of_n(tables: dict) -> str | None:
+    if "best_of_n" not in tables:
+        return None
+    bon = tables["best_of_n"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(bon["n"], bon["gold_reward"], "o-", color=METHOD_COLORS["Best-of-N"], label="selected by learned reward")
+    ax.plot(bon["n"], bon["oracle_gold_reward"], "o--", color="black", label="selected by gold (oracle)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N")
+    ax.set_ylabel("gold reward")
+    ax.set_title("Best-of-N vs N")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _figure_png(fig)
+
+
+# -- HTML -------------------------------------------------------------------------------------------
+def _table_html(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, classes="t")
+
+
+def write_report(root: Path, config, policies, evaluations, stages, best_of_n) -> Path:
+    tables = build_tables(config, policies, evaluations, stages, best_of_n)
+    table_dir = root / "tables"
+    table_dir.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        frame.to_csv(table_dir / f"{name}.csv", index=False)
+        frame.to_parquet(table_dir / f"{name}.parquet", index=False)
+    plots = {"Reward–KL frontier": plot_frontier(tables), "Win rate vs temperature": plot_win_rates(tables),
+             "Reward vs compute": plot_reward_vs_compute(tables), "Best-of-N vs N": plot_best_of_n(tables)}
+    sentences = summary_sentences(tables)
+    columns = ["run", "method", "param", "gold_reward", "gold_reward_ci_low", "gold_reward_ci_high", "kl", "kl_ci_low",
+               "kl_ci_high", "samples", "total_wall_s", "total_cpu_s", "total_tokens_generated", "total_tokens_trained"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>rayalign comparison</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table.t{border-collapse:collapse;font-size:12px}table.t td,table.t th{padding:3px 8px;border-bottom:1px solid #ddd}"
+        "img{max-width:100%}.plots{display:grid;grid-template-columns:1fr 1fr;gap:12px}</style></head><body>",
+        f"<h1>RLHF (PPO) vs DPO: {html.escape(config.run_name)}</h1>",
+        f"<p>Model <code>{html.escape(str(config.model))}</code>, gold reward <code>{html.escape(config.gold_scorer)}</code>, "
+        f"{int(tables['runs']['samples'].iloc[0])} held-out samples per policy at temperature {config.eval.kl_temperature:g}, "
+        f"seed {config.seed}.</p>",
+        "<h2>Summary</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>",
+        "<h2>Plots</h2><div class='plots'>" + "".join(
+            f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'><figcaption>{html.escape(title)}"
+            "</figcaption></figure>" for title, png in plots.items() if png) + "</div>",
+        "<h2>Runs</h2>" + _table_html(tables["runs"][columns]),
+        "<h2>Compute-matched</h2>" + _table_html(tables["compute_matched"]),
+        "<h2>Win rates against SFT</h2>" + _table_html(tables["win_rates"]),
+    ]
+    if "best_of_n" in tables:
+        parts.append("<h2>Best-of-N</h2>" + _table_html(tables["best_of_n"]))
+    parts.append("<h2>Stages</h2>" + _table_html(tables["stages"]))
+    parts.append(f"<p>Tables: <code>{html.escape(str(table_dir))}</code> (CSV and Parquet). Samples of every policy: "
+                 "<code>stages/eval-*/samples.parquet</code>.</p></body></html>")
+    path = root / "report.html"
+    path.write_text("\n".join(parts))
+    (root / "summary.txt").write_text("\n".join(sentences) + "\n")
+    return path

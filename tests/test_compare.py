@@ -1,0 +1,103 @@
+"""jobs.compare end to end on the tiny preset: every stage runs, the report's numbers come from the
+saved samples, and a rerun with nothing changed skips every stage."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from actors.scorers import build_scorer
+from jobs.compare import CompareConfig, run_experiment
+from jobs.config import ConfigError, build_config
+from jobs.preference_data import label_pairs
+from jobs.report import compute_matched
+
+
+@pytest.fixture(scope="module")
+def comparison(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    config = build_config(CompareConfig, "compare_tiny", [f"output_dir={out}"])
+    result = run_experiment(config)
+    return config, result, out / config.run_name
+
+
+@pytest.mark.slow
+def test_every_stage_runs_and_the_report_has_its_plots(comparison):
+    config, result, root = comparison
+    expected = {"sft", "preference_data", "reward", "ppo-kl0.05", "ppo-kl0.5", "ppo-gt-kl0.5", "dpo-beta0.1",
+                "dpo-beta0.5", "preferred-ft"}
+    assert expected <= set(result["stages"])
+    assert not any(result["stages"].values())  # first run: nothing skipped
+    page = (root / "report.html").read_text()
+    images = re.findall(r"<img alt='([^']+)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert {title for title, _ in images} >= {"Reward–KL frontier", "Win rate vs temperature", "Reward vs compute"}
+    assert all(len(data) > 1000 for _, data in images)
+    for name in ("runs", "win_rates", "compute_matched", "stages"):
+        assert (root / "tables" / f"{name}.csv").exists() and (root / "tables" / f"{name}.parquet").exists()
+    summary = (root / "summary.txt").read_text()
+    assert "SFT policy scores" in summary and "Best DPO minus best PPO" in summary
+
+
+@pytest.mark.slow
+def test_report_numbers_are_recomputed_from_the_saved_samples(comparison):
+    config, _, root = comparison
+    runs = pd.read_csv(root / "tables" / "runs.csv").set_index("run")
+    scorer = build_scorer(config.gold_scorer)
+    for folder in sorted((root / "stages").glob("eval-*")):
+        run = folder.name[len("eval-"):].rsplit("-", 1)[0]
+        samples = pd.read_parquet(folder / "samples.parquet")
+        at = samples[samples["temperature"] == config.eval.kl_temperature]
+        # The gold reward again, from the saved text and ids, by a fresh scorer in this process
+        # (the judge actor returns float32 scores, hence the float32-sized tolerance).
+        gold = scorer(list(at["prompt"]), list(at["response"]), [list(r) for r in at["response_ids"]])
+        assert np.mean(gold) == pytest.approx(runs.loc[run, "gold_reward"], abs=1e-6)
+        kl = (at["logp_policy"] - at["logp_reference"]).mean()
+        assert kl == pytest.approx(runs.loc[run, "kl"], abs=1e-9)
+    assert runs.loc["SFT", "kl"] == 0.0  # the reference is the SFT policy itself
+    wins = pd.read_csv(root / "tables" / "win_rates.csv")
+    assert set(wins["temperature"]) == set(config.eval.temperatures)
+    assert (wins[wins.run == "SFT"]["win_rate"] == 0.5).all()  # against itself: every comparison a tie
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_finished_stage(comparison):
+    config, first, root = comparison
+    again = run_experiment(config)
+    assert set(again["stages"]) == set(first["stages"])
+    assert all(again["stages"].values())
+    assert (root / "tables" / "runs.csv").exists()
+
+
+def test_label_pairs_takes_every_pair_with_the_higher_score_chosen():
+    rows = label_pairs("p", ["a", "b", "c", "d"], [0.1, 0.9, 0.5, 0.5])
+    assert len(rows) == 5  # 6 pairs, minus the tie between c and d
+    assert all(r["chosen_score"] > r["rejected_score"] for r in rows)
+    assert {(r["chosen"], r["rejected"]) for r in rows} == {("b", "a"), ("c", "a"), ("d", "a"), ("b", "c"), ("b", "d")}
+    assert len(label_pairs("p", ["a", " "], [0.0, 1.0])) == 0  # an empty reply is never part of a pair
+
+
+def test_compute_matched_budget_gives_every_method_a_run():
+    runs = pd.DataFrame([
+        {"run": "sft", "method": "SFT", "total_cpu_s": 0.0, "gold_reward": 0.1, "gold_reward_ci_low": 0.0,
+         "gold_reward_ci_high": 0.2, "kl": 0.0},
+        {"run": "ppo-a", "method": "PPO", "total_cpu_s": 100.0, "gold_reward": 0.3, "gold_reward_ci_low": 0.2,
+         "gold_reward_ci_high": 0.4, "kl": 2.0},
+        {"run": "ppo-b", "method": "PPO", "total_cpu_s": 300.0, "gold_reward": 0.6, "gold_reward_ci_low": 0.5,
+         "gold_reward_ci_high": 0.7, "kl": 5.0},
+        {"run": "dpo-a", "method": "DPO", "total_cpu_s": 50.0, "gold_reward": 0.4, "gold_reward_ci_low": 0.3,
+         "gold_reward_ci_high": 0.5, "kl": 1.0},
+    ])
+    table = compute_matched(runs).set_index("method")
+    assert table.loc["PPO", "budget_cpu_s"] == 100.0  # the largest of the cheapest runs (PPO's 100 vs DPO's 50)
+    assert table.loc["PPO", "best_run"] == "ppo-a" and table.loc["DPO", "best_run"] == "dpo-a"
+    assert list(table.index) == ["DPO", "PPO"]  # sorted by the best reward within budget
+
+
+def test_compare_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="dpo_betas"):
+        build_config(CompareConfig, "compare_tiny", ["dpo_betas=[0.1,-1]"])
+    with pytest.raises(ConfigError, match="nothing to compare"):
+        build_config(CompareConfig, "compare_tiny", ["dpo_betas=[]", "ppo_kl_coefs=[]"])
