@@ -7,6 +7,9 @@ deterministic. Selected by a spec string:
 - ``hf-classifier:<model id or folder>[@<label>]``: probability of ``label`` (default: the label
   whose name contains "pos") from a Hugging Face sequence classifier, e.g.
   ``hf-classifier:siebert/sentiment-roberta-large-english`` on GPU clusters;
+- ``hf-reward:<model id or folder>``: the single logit of a sequence-classification reward model
+  fed (prompt, response) as a text pair, e.g. ``hf-reward:OpenAssistant/reward-model-deberta-v3-large-v2``
+  as the judge for HH / TL;DR comparisons on GPU clusters;
 - ``token-frequency:<id>`` or ``token-frequency:<lo>-<hi>``: fraction of response tokens equal to the
   id, or inside the inclusive id range (a reward whose optimum is known; a range gives a random
   model a dense signal, which the PPO tests use).
@@ -65,6 +68,33 @@ class HFClassifierScorer:
         return scores
 
 
+class HFRewardModelScorer:
+    """A reward model with one output logit (OpenAssistant / Skywork style), scoring (prompt, response) pairs."""
+
+    def __init__(self, model_id: str, device: str | None = None, batch_size: int = 16):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_id).to(device).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"hf-reward:{model_id} has {self.model.config.num_labels} labels; a reward model has 1 "
+                             "(use hf-classifier:<id>@<label> for classifiers)")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses, response_ids):
+        scores: list[float] = []
+        for i in range(0, len(prompts), self.batch_size):
+            enc = self.tokenizer(list(prompts[i:i + self.batch_size]), list(responses[i:i + self.batch_size]),
+                                 padding=True, truncation=True, return_tensors="pt").to(self.device)
+            scores.extend(self.model(**enc).logits[:, 0].float().tolist())
+        return scores
+
+
 class TokenFrequencyScorer:
     def __init__(self, low: int, high: int | None = None):
         self.low, self.high = int(low), int(low if high is None else high)
@@ -82,9 +112,13 @@ def build_scorer(spec: str) -> Scorer:
             raise ValueError("scorer 'hf-classifier' needs a model: hf-classifier:<model id>[@<label>]")
         model_id, _, label = arg.partition("@")
         return HFClassifierScorer(model_id, label or None)
+    if kind == "hf-reward":
+        if not arg:
+            raise ValueError("scorer 'hf-reward' needs a model: hf-reward:<model id or folder>")
+        return HFRewardModelScorer(arg)
     if kind == "token-frequency":
         low, _, high = arg.partition("-")
         if not low.isdigit() or (high and not high.isdigit()):
             raise ValueError(f"scorer 'token-frequency' needs a token id or range: token-frequency:<id>[-<id>], got {spec!r}")
         return TokenFrequencyScorer(int(low), int(high) if high else None)
-    raise ValueError(f"unknown scorer {spec!r} (vader, hf-classifier:<id>, token-frequency:<id>)")
+    raise ValueError(f"unknown scorer {spec!r} (vader, hf-classifier:<id>, hf-reward:<id>, token-frequency:<id>)")

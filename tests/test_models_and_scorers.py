@@ -62,8 +62,29 @@ def test_hf_classifier_scorer_reads_the_positive_label(tmp_path):
     assert [a + b for a, b in zip(scores, flipped)] == pytest.approx([1.0, 1.0], abs=1e-5)
 
 
+def test_hf_reward_scorer_returns_the_single_logit_of_the_pair(tmp_path):
+    """A one-logit reward model (random weights, saved locally) scores (prompt, response) as a text pair."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = load_tokenizer("tiny")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    scorer = build_scorer(f"hf-reward:{tmp_path}")
+    prompts, responses = ["A film", "Another one"], [" that I liked.", " that I did not like at all."]
+    scores = scorer(prompts, responses, [[1], [2]])
+    with torch.no_grad():
+        expected = [float(model(**tokenizer(p, r, return_tensors="pt")).logits[0, 0]) for p, r in zip(prompts, responses)]
+    assert scores == pytest.approx(expected, abs=1e-4)  # batched with padding = one at a time
+    with pytest.raises(ValueError, match="labels"):
+        build_scorer(f"hf-classifier:{tmp_path}")  # a reward model has no positive label to read
+
+
 @pytest.mark.parametrize("spec, message", [("sentiment", "unknown scorer"), ("token-frequency:x", "token id"),
-                                           ("hf-classifier:", "needs a model")])
+                                           ("hf-classifier:", "needs a model"), ("hf-reward:", "needs a model")])
 def test_bad_scorer_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         build_scorer(spec)
