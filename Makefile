@@ -36,3 +36,21 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A local Ray head with token auth on and the dashboard on 127.0.0.1 (platform/local_cluster.sh lists
+# the knobs: DASHBOARD_HOST, DASHBOARD_PORT, RAY_PORT, NUM_CPUS, RESOURCES, RAY_AUTH_TOKEN_PATH, ...).
+# cluster-down stops only the nodes cluster-up started, never other Ray processes on the machine.
+.PHONY: cluster-up cluster-worker cluster-down cluster-status
+CLUSTER_SH := PATH="$(abspath $(VENV))/bin:$$PATH" bash platform/local_cluster.sh
+
+cluster-up: $(STAMP)
+	@$(CLUSTER_SH) up
+
+cluster-worker: $(STAMP)
+	@$(CLUSTER_SH) worker
+
+cluster-down:
+	@$(CLUSTER_SH) down
+
+cluster-status:
+	@$(CLUSTER_SH) status

@@ -3,9 +3,19 @@ embedded local one started on the spot."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import secrets
+import stat
+from pathlib import Path
 
 import ray
+
+from actors.group import ActorResources
+
+# The default token file Ray reads when neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set.
+DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 
 
 def init_ray(address: str | None = None, *, namespace: str = "rayalign", logical_cpus: int | None = None,
@@ -26,11 +36,88 @@ def init_ray(address: str | None = None, *, namespace: str = "rayalign", logical
     for key in ("RAYALIGN_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
         if key in os.environ:
             env_vars[key] = os.environ[key]
-    runtime_env = {"env_vars": env_vars}
+    # Under `ray job submit` Ray merges this with the job's runtime_env and fails on any key both set.
+    env_vars = driver_env_vars(env_vars, os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    runtime_env = {"env_vars": env_vars} if env_vars else None
     if address:
-        ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=not quiet)
+        try:
+            ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=not quiet)
+        except ConnectionError as exc:
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+                raise
+            # Ray reports a refused token only as a failed connection.
+            raise ConnectionError(
+                f"{exc}. If the cluster uses token authentication (clusters `make cluster-up` starts do), "
+                "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<token file> (or RAY_AUTH_TOKEN)") from exc
     else:
+        secure_token_file()
         cpus = logical_cpus or max(os.cpu_count() or 1, 8)
         ray.init(num_cpus=cpus, namespace=namespace, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  runtime_env=runtime_env, log_to_driver=not quiet, _node_ip_address="127.0.0.1")
     return ray.cluster_resources()
+
+
+def driver_env_vars(wanted: dict[str, str], job_config_json: str | None) -> dict[str, str]:
+    """The env vars a driver may add to its runtime_env: those a submitted job's runtime_env does not set."""
+    if not job_config_json:
+        return dict(wanted)
+    try:
+        job_env = (json.loads(job_config_json).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        job_env = {}
+    return {k: v for k, v in wanted.items() if k not in job_env}
+
+
+def secure_token_file() -> Path | None:
+    """Make the token file a local cluster will use private (0600), creating it if missing.
+
+    Ray turns token authentication on for clusters ``ray.init()`` starts and writes a missing token
+    with the process umask (world-readable here). Nothing is done when the token comes from
+    RAY_AUTH_TOKEN or authentication is explicitly disabled. Returns the file's path, never its content.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or DEFAULT_TOKEN_PATH).expanduser()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # created concurrently by another process: fall through to the check
+            pass
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+    info = path.stat()
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) and info.st_uid == os.getuid():
+        path.chmod(0o600)
+    return path
+
+
+ROLES = ("policy", "reference", "reward", "critic", "generator", "judge")
+
+
+def check_placement(placement: dict, roles: tuple[str, ...] = ROLES, key: str = "placement") -> None:
+    """``{role: {custom_resource: amount}}``: known roles, resource names as text, amounts >= 0."""
+    from jobs.config import ConfigError
+
+    if not isinstance(placement, dict):
+        raise ConfigError(f"{key}: expected a mapping of role -> {{resource: amount}}, got {placement!r}")
+    for role, wanted in placement.items():
+        if role not in roles:
+            raise ConfigError(f"{key}.{role}: unknown role (valid: {', '.join(roles)})")
+        if not isinstance(wanted, dict):
+            raise ConfigError(f"{key}.{role}: expected a mapping of resource -> amount, got {wanted!r}")
+        for name, amount in wanted.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ConfigError(f"{key}.{role}.{name}: built-in resources are set elsewhere; "
+                                  "placement takes custom node resources such as 'trainer'")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+                raise ConfigError(f"{key}.{role}.{name}: expected a number >= 0, got {amount!r}")
+
+
+def role_resources(base: ActorResources, placement: dict, role: str) -> ActorResources:
+    """``base`` plus the custom node resources ``placement`` asks for ``role`` (pins it to such nodes)."""
+    wanted = {name: float(amount) for name, amount in (placement.get(role) or {}).items()}
+    if not wanted:
+        return base
+    return dataclasses.replace(base, resources={**base.resources, **wanted})

@@ -24,7 +24,7 @@ from actors.optim import OptimizerConfig
 from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from jobs.batching import EncodedPair, TokenizeConfig, encode_pairs
-from jobs.cluster import init_ray
+from jobs.cluster import check_placement, init_ray, role_resources
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
 from jobs.metrics import MetricsLogger
@@ -70,6 +70,8 @@ class DPOConfig:
     reference_mode: str = "precompute"  # precompute (once, cached on disk) | on_the_fly (every batch)
     torch_threads: int | None = None  # per actor; default: all cores (actors take turns)
     address: str | None = None     # Ray address; default RAY_ADDRESS or a local cluster
+    # Custom node resources per role, pinning it to nodes that offer them, e.g. {policy: {trainer: 1}}
+    placement: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def validate(self) -> None:
         self.loss.validate()
@@ -87,6 +89,7 @@ class DPOConfig:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
         for key in ("model", "reference_model"):
             check_model(key, getattr(self, key))
+        check_placement(self.placement, ("policy", "reference"))
 
 
 def run_dir(config) -> Path:
@@ -149,12 +152,13 @@ def train(config: DPOConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     resources = ActorResources(torch_threads=config.torch_threads)
     common = {"seed": config.seed, "autocast_bf16": config.autocast_bf16, "micro_batch_size": config.micro_batch_size}
-    policy = ActorGroup(PolicyActor, "policy", resources=resources,
+    policy = ActorGroup(PolicyActor, "policy", resources=role_resources(resources, config.placement, "policy"),
                         init_kwargs={"model": config.model, "optimizer": dataclasses.asdict(config.optimizer), **common})
     reference_free = config.loss.variant in REFERENCE_FREE_VARIANTS
     reference = None
     if not reference_free:
-        reference = ActorGroup(ReferenceActor, "reference", resources=resources,
+        reference = ActorGroup(ReferenceActor, "reference",
+                               resources=role_resources(resources, config.placement, "reference"),
                                init_kwargs={"model": config.reference_model or config.model, **common})
     policy.wait_ready()
 
