@@ -1,4 +1,4 @@
-"""Generation workers: one interface, two backends (Hugging Face ``generate`` now; vLLM fills the same one).
+"""Generation workers: one interface, two backends (Hugging Face ``generate``, and vLLM in ``actors.vllm_backend``).
 
 A backend turns prompt token ids into ``Completion``s: response ids (ending at EOS when one was
 emitted), the log-prob of each sampled token under the model's raw distribution (temperature 1,
@@ -13,8 +13,8 @@ from typing import Protocol, Sequence
 
 import torch
 
-from actors.batch import left_pad
-from actors.logprobs import token_logprobs
+from actors.batch import collate_sequences, left_pad
+from actors.logprobs import position_ids_from_mask, sequence_logprobs, token_logprobs
 from actors.models import load_causal_lm, load_tokenizer, resolve_model_path
 from actors.runtime import configure_threads, describe_actor, pick_device, quiet_transformers, seed_everything
 
@@ -50,7 +50,44 @@ class Completion:
 
 class GenerationBackend(Protocol):
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]: ...
+    def response_logprobs(self, prompt_ids: Sequence[Sequence[int]],
+                          response_ids: Sequence[Sequence[int]]) -> list[list[float]]: ...
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None: ...
+
+
+GENERATION_BACKENDS = ("hf", "vllm", "auto")
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_supports(model_path: str | None) -> bool:
+    """Whether vLLM can host this model here: its CPU attention needs a head size of at least 32
+    (the built-in ``tiny`` test model has 16). GPU builds have no such floor."""
+    if model_path is None or torch.cuda.is_available():
+        return True
+    import json
+    from pathlib import Path
+
+    config_file = Path(model_path) / "config.json"
+    if not config_file.exists():
+        return True
+    config = json.loads(config_file.read_text())
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1))
+    return head_dim >= 32
+
+
+def resolve_backend(name: str, model_path: str | None = None) -> str:
+    """``auto`` means vLLM where it is installed and can host the model (checked where the generator
+    runs), else HF."""
+    if name not in GENERATION_BACKENDS:
+        raise ValueError(f"generation backend must be one of {GENERATION_BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "vllm" if vllm_available() and vllm_supports(model_path) else "hf"
+    return name
 
 
 def _cut_at_stop(tokens: list[int], stop_ids: set[int], pad_id: int) -> tuple[list[int], str]:
@@ -96,12 +133,32 @@ class HFGenerationBackend:
                 completions.append(Completion(i, j, prompt, tokens, logps[k, : len(tokens)].tolist(), reason))
         return completions
 
+    @torch.no_grad()
+    def response_logprobs(self, prompt_ids, response_ids):
+        """Teacher-forced log-probs of given responses, one list per row."""
+        result: list[list[float]] = []
+        for start in range(0, len(prompt_ids), self.micro_batch_size):
+            prompts = prompt_ids[start:start + self.micro_batch_size]
+            responses = response_ids[start:start + self.micro_batch_size]
+            batch = collate_sequences(prompts, responses, self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits
+            out = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+            for row, prompt in enumerate(prompts):
+                first = len(prompt) - 1
+                result.append(out.token_logps[row, first:first + len(responses[row])].cpu().tolist())
+        return result
+
     def load_weights(self, weights):
         self.model.load_state_dict(weights, strict=True)
 
 
 class GenerationActor:
-    """One generation worker. ``backend='hf'`` (always available) or ``'vllm'`` (when installed)."""
+    """One generation worker. ``backend='hf'`` (always available), ``'vllm'`` (when installed) or ``'auto'``.
+
+    ``backend_options`` go to the vLLM backend (see ``actors.vllm_backend.VLLMGenerationBackend``).
+    """
 
     role = "generator"
 
@@ -111,21 +168,27 @@ class GenerationActor:
         self.threads = configure_threads(torch_threads)
         seed_everything(seed)
         self.model_name = model
-        self.backend_name = backend
         path = resolve_model_path(model)
-        if backend == "hf":
+        self.backend_name = resolve_backend(backend, path)
+        start = time.perf_counter()
+        if self.backend_name == "hf":
+            # With backend='auto' on a machine without vLLM, vLLM's options have nothing to configure.
+            if backend_options and backend == "hf":
+                raise ValueError(f"backend_options {sorted(backend_options)} apply to the vllm backend only")
             self.backend: GenerationBackend = HFGenerationBackend(path, dtype=dtype, micro_batch_size=micro_batch_size)
-        elif backend == "vllm":
+        else:
             from actors.vllm_backend import VLLMGenerationBackend  # imported only where vLLM is installed
 
-            self.backend = VLLMGenerationBackend(path, dtype=dtype, **(backend_options or {}))
-        else:
-            raise ValueError(f"generation backend must be 'hf' or 'vllm', got {backend!r}")
+            options = {"seed": seed, "threads": torch_threads, **(backend_options or {})}
+            self.backend = VLLMGenerationBackend(path, dtype=dtype, **options)
+        self.start_seconds = time.perf_counter() - start
         self.weights_version = 0
 
     def info(self) -> dict:
         return describe_actor(self.role, getattr(self.backend, "device", "cpu"), backend=self.backend_name,
-                              model=self.model_name, weights_version=self.weights_version)
+                              model=self.model_name, weights_version=self.weights_version,
+                              start_seconds=self.start_seconds,
+                              weight_sync=getattr(self.backend, "weight_sync", "load_state_dict"))
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig | dict) -> dict:
         sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling
@@ -136,25 +199,75 @@ class GenerationActor:
         return {"completions": completions, "seconds": seconds,
                 "tokens": sum(len(c.response_ids) for c in completions), "weights_version": self.weights_version}
 
+    def response_logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> dict:
+        """The generator's own teacher-forced log-probs of given responses (to check weight sync)."""
+        return {"logprobs": self.backend.response_logprobs(prompt_ids, response_ids),
+                "weights_version": self.weights_version}
+
     def update_weights(self, weights: dict[str, torch.Tensor], version: int | None = None) -> dict:
         start = time.perf_counter()
         self.backend.load_weights(weights)
         self.weights_version = version if version is not None else self.weights_version + 1
         return {"seconds": time.perf_counter() - start, "weights_version": self.weights_version}
 
+    def close(self) -> None:
+        """Stop the backend's engine processes (vLLM); call before killing the actor."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
-def generate_sharded(group, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
+
+def generate_sharded(group, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
+                     retries: int = 0) -> list[Completion]:
     """Split prompts across a group of GenerationActors, gather completions in prompt order.
 
     Shard k samples with seed ``sampling.seed + k`` so shards never repeat each other's draws.
+    With ``retries > 0``, a shard whose actor dies is re-run (same prompts, same seed, so the same
+    samples) on a surviving actor of the group; only the lost shard is redone.
     """
     shards = group.shard(list(range(len(prompt_ids))))
-    busy = [(k, actor, shard) for k, (actor, shard) in enumerate(zip(group.actors, shards)) if shard]
-    refs = [actor.generate.remote([prompt_ids[i] for i in shard], {**asdict(sampling), "seed": sampling.seed + k})
-            for k, actor, shard in busy]
+    work = {k: ([prompt_ids[i] for i in shard], {**asdict(sampling), "seed": sampling.seed + k})
+            for k, shard in enumerate(shards) if shard}
+    if retries <= 0:
+        refs = [group.actors[k].generate.remote(*args) for k, args in work.items()]
+        results = dict(zip(work, group.get(refs, "generate")))
+    else:
+        results = _generate_with_retries(group, work, retries)
     completions: list[Completion] = []
-    for (_, _, shard), result in zip(busy, group.get(refs, "generate")):
-        for c in result["completions"]:
-            c.prompt_index = shard[c.prompt_index]
+    for k in work:
+        for c in results[k]["completions"]:
+            c.prompt_index = shards[k][c.prompt_index]
             completions.append(c)
     return completions
+
+
+def _generate_with_retries(group, work: dict[int, tuple], retries: int) -> dict[int, dict]:
+    import ray
+    from ray.exceptions import RayActorError
+
+    from actors.group import ActorCallError
+
+    pending = {group.actors[k].generate.remote(*args): (k, k) for k, args in work.items()}  # ref -> (shard, actor)
+    results: dict[int, dict] = {}
+    dead: set[int] = set()
+    attempts = dict.fromkeys(work, 0)
+    deadline = time.monotonic() + group.call_timeout_s
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise ActorCallError(f"{group.role}.generate did not finish within {group.call_timeout_s:.0f} s")
+        shard, actor = pending.pop(ready[0])
+        try:
+            results[shard] = ray.get(ready[0])
+        except RayActorError as exc:
+            dead.add(actor)
+            attempts[shard] += 1
+            live = [i for i in range(len(group.actors)) if i not in dead]
+            if attempts[shard] > retries or not live:
+                raise ActorCallError(f"{group.role}.generate: shard {shard} lost after {attempts[shard]} "
+                                     f"attempt(s) ({len(live)} actor(s) left): {exc}") from exc
+            target = live[shard % len(live)]
+            print(f"[retry] {group.role}: actor {group.names[actor]} died; re-running shard {shard} "
+                  f"on {group.names[target]}")
+            pending[group.actors[target].generate.remote(*work[shard])] = (shard, target)
+    return results

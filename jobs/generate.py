@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-generators", type=int, default=1)
     p.add_argument("--threads-per-generator", type=int, default=None,
                    help="torch threads per generation actor (default: cores / generators)")
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    p.add_argument("--backend", default="auto", choices=["hf", "vllm", "auto"], help="auto: vLLM where installed")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=48)

