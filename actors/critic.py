@@ -51,6 +51,7 @@ class CriticActor(TrainableMixin):
 
     def train_value(self, batch: Batch, old_values: torch.Tensor, returns: torch.Tensor, ppo: dict) -> dict[str, float]:
         """Clipped value-loss updates over the same epochs/minibatches as the policy."""
+        start_all = time.perf_counter()
         rows = batch["input_ids"].shape[0]
         minibatch = ppo.get("minibatch_size", rows)
         micro = ppo.get("micro_batch_size", self.micro_batch_size)
@@ -65,6 +66,7 @@ class CriticActor(TrainableMixin):
                          for k in range(0, len(index), micro)]
                 history.append(self._optimizer_step(parts))
         mean = {k: sum(m[k] for m in history) / len(history) for k in history[0] if k != "tokens"}
+        mean["timing_s/total"] = time.perf_counter() - start_all
         mask = batch["loss_mask"][:, 1:].float()
         mean["critic/vf_explained_var"] = float(explained_variance(old_values, returns, mask))
         return {("critic/" + k if not k.startswith("critic/") else k): v for k, v in mean.items()}

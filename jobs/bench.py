@@ -1,7 +1,8 @@
 """Benchmarks that print JSON (and write it with --out), measured in one run on this machine.
 
-    python -m jobs.bench generate [--model smollm2] [--prompts 64] [--new-tokens 48]
+    python -m jobs.bench generate [--model smollm2] [--backend hf,vllm] [--num-generators 1,2] [--prompts 64]
     python -m jobs.bench dpo [--model smollm2] [--sequences 8] [--seq-len 256]
+    python -m jobs.bench ppo [--model smollm2] [--prompts 16] [--new-tokens 48]
 
 Targets are checked here, never by timed assertions in tests.
 """
@@ -16,6 +17,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from jobs.bench_ppo import add_parser as add_ppo_parser
+from jobs.bench_ppo import bench_ppo
 
 
 def matmul_gflops(size: int = 1024, dtype: torch.dtype = torch.float32, seconds: float = 2.0,
@@ -49,37 +53,77 @@ def review_prompts(tokenizer, count: int) -> list[list[int]]:
     return [tokenizer(openings[i % len(openings)])["input_ids"] for i in range(count)]
 
 
-def bench_generate(args) -> dict:
+def _generation_config(args, backend: str, generators: int) -> dict:
+    """Tokens/s of one (backend, generator count) on the same prompts, then weight-sync seconds."""
+    import ray
+
     from actors.generation import GenerationActor, SamplingConfig, generate_sharded
     from actors.group import ActorGroup, ActorResources
-    from actors.models import load_tokenizer
-    from jobs.cluster import init_ray
+    from actors.models import load_causal_lm, load_tokenizer
 
-    init_ray(args.address)
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads or max(1, (os.cpu_count() or 1) // generators)
     tokenizer = load_tokenizer(args.model)
     prompts = review_prompts(tokenizer, args.prompts)
     # min_new_tokens-free sampling can stop early at EOS; tokens/s counts the tokens actually made.
     sampling = SamplingConfig(n=1, temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
-    group = ActorGroup(GenerationActor, "generator", resources=ActorResources(torch_threads=threads),
-                       init_kwargs={"model": args.model, "backend": "hf", "dtype": args.dtype,
-                                    "micro_batch_size": args.prompts})
-    group.wait_ready()
-    generate_sharded(group, prompts[:4], SamplingConfig(max_new_tokens=4))  # warm-up
-    runs = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        completions = generate_sharded(group, prompts, sampling)
-        seconds = time.perf_counter() - start
-        tokens = sum(len(c.response_ids) for c in completions)
-        runs.append({"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
-    group.shutdown()
+    options = ({"max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib} if backend == "vllm" else None)
+    group = ActorGroup(GenerationActor, f"bench-{backend}-{generators}g", num_actors=generators, indexed_names=True,
+                       resources=ActorResources(torch_threads=threads),
+                       init_kwargs={"model": args.model, "backend": backend, "dtype": args.dtype,
+                                    "micro_batch_size": args.prompts, "backend_options": options})
+    try:
+        infos = group.wait_ready()
+        generate_sharded(group, prompts[:4], SamplingConfig(max_new_tokens=4))  # warm-up
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            completions = generate_sharded(group, prompts, sampling)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(c.response_ids) for c in completions)
+            runs.append({"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
+        # Weight sync as PPO does it: the policy's state dict through the object store to every generator.
+        weights = ray.put({k: v.detach().clone() for k, v in load_causal_lm(args.model, dtype="float32").state_dict().items()})
+        syncs = []
+        for version in range(1, args.sync_repeats + 1):
+            start = time.perf_counter()
+            results = group.run_all("update_weights", weights, version)
+            syncs.append({"wall_s": time.perf_counter() - start, "in_actor_s": max(r["seconds"] for r in results)})
+        group.run_all("close")
+    finally:
+        group.shutdown()
     best = max(runs, key=lambda r: r["tokens_per_s"])
-    return {"benchmark": "generate", "backend": "hf", "model": args.model, "dtype": args.dtype,
-            "prompts": args.prompts, "max_new_tokens": args.new_tokens, "torch_threads": threads,
-            "runs": runs, "tokens_per_s": best["tokens_per_s"],
-            "matmul_gflops_fp32": matmul_gflops(threads=threads),
-            "machine": machine_facts()}
+    return {"backend": backend, "generators": generators, "torch_threads_per_generator": threads,
+            "engine_start_s": max(i["start_seconds"] for i in infos), "weight_sync_path": infos[0]["weight_sync"],
+            "runs": runs, "tokens_per_s": best["tokens_per_s"], "weight_sync": syncs,
+            "weight_sync_s": min(s["wall_s"] for s in syncs)}
+
+
+def bench_generate(args) -> dict:
+    """Each --backend x each --num-generators on the same prompts; ratios when both ends were run."""
+    from actors.generation import resolve_backend
+    from jobs.cluster import init_ray
+
+    init_ray(args.address)
+    backends = [resolve_backend(b.strip()) for b in args.backend.split(",")]
+    counts = [int(g) for g in str(args.num_generators).split(",")]
+    configs = [_generation_config(args, b, g) for b in backends for g in counts]
+    by_key = {(c["backend"], c["generators"]): c["tokens_per_s"] for c in configs}
+    ratios = {}
+    for g in counts:
+        if ("hf", g) in by_key and ("vllm", g) in by_key:
+            ratios[f"vllm_vs_hf_tokens_per_s_{g}gen"] = by_key[("vllm", g)] / by_key[("hf", g)]
+    for b in backends:
+        if (b, 1) in by_key and (b, 2) in by_key:
+            ratios[f"scale_out_2_vs_1_{b}"] = by_key[(b, 2)] / by_key[(b, 1)]
+    first = configs[0]
+    return {"benchmark": "generate", "backend": first["backend"], "model": args.model, "dtype": args.dtype,
+            "prompts": args.prompts, "max_new_tokens": args.new_tokens,
+            "torch_threads": first["torch_threads_per_generator"], "runs": first["runs"],
+            "tokens_per_s": first["tokens_per_s"], "weight_sync_s": first["weight_sync_s"],
+            "engine_start_s": first["engine_start_s"], "configurations": configs, "ratios": ratios,
+            "targets": {"vllm_vs_hf": 1.3, "scale_out_2_vs_1": 1.7},
+            "matmul_gflops_fp32": matmul_gflops(threads=first["torch_threads_per_generator"]),
+            "load_average_1m": os.getloadavg()[0], "machine": machine_facts()}
 
 
 def _random_pairs(pairs: int, seq_len: int, prompt_len: int, vocab: int, seed: int = 0):
@@ -152,13 +196,18 @@ def bench_dpo(args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="which", required=True)
-    gen = sub.add_parser("generate", help="HF generation tokens/s through a Ray actor + matmul GFLOPS")
+    gen = sub.add_parser("generate", help="generation tokens/s and weight-sync seconds through Ray actors (HF / vLLM)")
     gen.add_argument("--model", default="smollm2")
+    gen.add_argument("--backend", default="hf", help="hf | vllm | auto, or a comma list (hf,vllm) for the ratio")
+    gen.add_argument("--num-generators", default="1", help="generators, or a comma list (1,2) for scale-out")
     gen.add_argument("--prompts", type=int, default=64)
     gen.add_argument("--new-tokens", type=int, default=48)
     gen.add_argument("--dtype", default="float32")
-    gen.add_argument("--threads", type=int, default=None)
+    gen.add_argument("--threads", type=int, default=None, help="threads per generator (default: cores / generators)")
     gen.add_argument("--repeats", type=int, default=2)
+    gen.add_argument("--sync-repeats", type=int, default=3)
+    gen.add_argument("--max-model-len", type=int, default=256, help="vLLM only")
+    gen.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM on CPU only")
     dpo = sub.add_parser("dpo", help="DPO step tokens/s through a Ray actor vs in-process, and fraction of peak")
     dpo.add_argument("--model", default="smollm2")
     dpo.add_argument("--sequences", type=int, default=8, help="sequences per step (chosen + rejected)")
@@ -168,11 +217,12 @@ def main(argv=None) -> int:
     dpo.add_argument("--bf16", action="store_true")
     dpo.add_argument("--threads", type=int, default=None)
     dpo.add_argument("--repeats", type=int, default=2)
-    for p in (gen, dpo):
+    add_ppo_parser(sub)
+    for p in (gen, dpo, sub.choices["ppo"]):
         p.add_argument("--address", default=None)
         p.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = {"generate": bench_generate, "dpo": bench_dpo}[args.which](args)
+    result = {"generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo}[args.which](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -10,21 +10,20 @@ advantage whitening -> epochs of clipped policy and value updates (policy and cr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import ray
 import torch
 from tqdm import tqdm
 
 from actors.batch import collate_sequences
 from actors.critic import CriticActor
-from actors.generation import Completion, GenerationActor, SamplingConfig, generate_sharded
+from actors.generation import GENERATION_BACKENDS, Completion, GenerationActor, SamplingConfig, generate_sharded
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig
@@ -34,10 +33,12 @@ from actors.ppo_math import (AdaptiveKLController, FixedKLController, gae_advant
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
 from jobs.batching import TokenizeConfig, encode_prompt
-from jobs.cluster import init_ray
-from jobs.config import ConfigError, build_config, check_model, save_config
+from jobs.cluster import check_placement, init_ray, role_resources
+from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_prompt_splits
 from jobs.metrics import MetricsLogger
+from jobs.sampler import ShuffledBatches
+from jobs.stats import bootstrap_ci
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -95,12 +96,16 @@ class PPOConfig:
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6, eps=1e-5))
     critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5, eps=1e-5))
     num_generators: int = 1
-    generation_backend: str = "hf"
+    generation_backend: str = "auto"   # hf | vllm | auto (vLLM where installed and able to host the model)
+    generation_options: dict[str, Any] = field(default_factory=dict)  # vLLM backend options (actors.vllm_backend)
     eval_every: int = 10               # steps; 0 = only at the start and the end
     eval_prompts: int = 32
+    eval_samples_per_prompt: int = 1
     eval_scorer: str | None = "vader"  # gold scorer for evaluation (independent of the training reward)
     torch_threads: int | None = None
     address: str | None = None
+    # Custom node resources per role, pinning it to nodes that offer them, e.g. {policy: {trainer: 1}}
+    placement: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def validate(self) -> None:
         self.data.validate()
@@ -120,7 +125,7 @@ class PPOConfig:
             raise ConfigError(f"kl.coef must be >= 0, got {self.kl.coef}")
         if self.kl.adaptive and (self.kl.target <= 0 or self.kl.horizon <= 0):
             raise ConfigError("kl.target and kl.horizon must be > 0 for the adaptive controller")
-        for key in ("prompts_per_step", "steps", "num_generators"):
+        for key in ("prompts_per_step", "steps", "num_generators", "eval_samples_per_prompt"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         hp = self.ppo
@@ -134,11 +139,15 @@ class PPOConfig:
             raise ConfigError(f"ppo.clip_eps must be in (0, 1), got {hp.clip_eps}")
         if not (0 <= hp.gamma <= 1 and 0 <= hp.lam <= 1):
             raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {hp.gamma}, {hp.lam}")
-        if self.generation_backend not in ("hf", "vllm"):
-            raise ConfigError(f"generation_backend must be hf or vllm, got {self.generation_backend!r}")
+        if self.generation_backend not in GENERATION_BACKENDS:
+            raise ConfigError(f"generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, "
+                              f"got {self.generation_backend!r}")
+        if self.generation_backend == "hf" and self.generation_options:
+            raise ConfigError("generation_options apply to the vllm backend only (generation_backend is hf)")
         for key in ("model", "reference_model", "critic_model"):
             check_model(key, getattr(self, key))
         check_model("reward.model", self.reward.model)
+        check_placement(self.placement, ("policy", "reference", "reward", "critic", "generator", "judge"))
 
 
 @dataclass
@@ -158,24 +167,30 @@ class Fleet:
 
 def build_fleet(config: PPOConfig) -> Fleet:
     resources = ActorResources(torch_threads=config.torch_threads)
+
+    def place(role: str) -> ActorResources:
+        return role_resources(resources, config.placement, role)
+
     common = {"seed": config.seed}
     reward_kwargs = ({"kind": "gold", "scorer": config.reward.scorer, "tokenizer": config.model}
                      if config.reward.kind == "gold" else {"kind": "learned", "model": config.reward.model})
     critic_model = config.critic_model or (config.reward.model if config.reward.kind == "learned" else config.model)
     micro = config.ppo.micro_batch_size
     fleet = Fleet(
-        policy=ActorGroup(PolicyActor, "policy", resources=resources, init_kwargs={
+        policy=ActorGroup(PolicyActor, "policy", resources=place("policy"), init_kwargs={
             "model": config.model, "optimizer": dataclasses.asdict(config.optimizer), "micro_batch_size": micro, **common}),
-        reference=ActorGroup(ReferenceActor, "reference", resources=resources, init_kwargs={
+        reference=ActorGroup(ReferenceActor, "reference", resources=place("reference"), init_kwargs={
             "model": config.reference_model or config.model, "micro_batch_size": micro, **common}),
-        reward=ActorGroup(RewardModelActor, "reward", resources=resources, init_kwargs={**reward_kwargs, **common}),
-        critic=ActorGroup(CriticActor, "critic", resources=resources, init_kwargs={
+        reward=ActorGroup(RewardModelActor, "reward", resources=place("reward"), init_kwargs={**reward_kwargs, **common}),
+        critic=ActorGroup(CriticActor, "critic", resources=place("critic"), init_kwargs={
             "model": critic_model, "optimizer": dataclasses.asdict(config.critic_optimizer), "micro_batch_size": micro,
             **common}),
         generators=ActorGroup(GenerationActor, "generator", num_actors=config.num_generators, indexed_names=True,
-                              resources=resources, init_kwargs={
-                                  "model": config.model, "backend": config.generation_backend, **common}),
-        judge=(ActorGroup(RewardModelActor, "judge", resources=ActorResources(num_cpus=0.5, torch_threads=1),
+                              resources=place("generator"), init_kwargs={
+                                  "model": config.model, "backend": config.generation_backend,
+                                  "backend_options": config.generation_options, **common}),
+        judge=(ActorGroup(RewardModelActor, "judge",
+                          resources=role_resources(ActorResources(num_cpus=0.5, torch_threads=1), config.placement, "judge"),
                           init_kwargs={"kind": "gold", "scorer": config.eval_scorer, "tokenizer": config.model})
                if config.eval_scorer else None),
     )
@@ -207,7 +222,7 @@ def evaluate(fleet: Fleet, prompts: list[list[int]], config: PPOConfig, pad_id: 
     """Gold reward and sequence KL to the reference of samples from the current policy (held-out prompts)."""
     if not prompts:
         return {}
-    sampling = dataclasses.replace(config.rollout, n=1, seed=config.seed + 10_000)
+    sampling = dataclasses.replace(config.rollout, n=config.eval_samples_per_prompt, seed=config.seed + 10_000)
     completions = generate_sharded(fleet.generators, prompts, sampling)
     rollout = make_rollout(completions, pad_id)
     pol_ref = fleet.policy.call_all("logprobs", rollout.batch)[0]
@@ -217,8 +232,12 @@ def evaluate(fleet: Fleet, prompts: list[list[int]], config: PPOConfig, pad_id: 
     gold = judge.run_one("score", prompt_ids, response_ids)["scores"]
     policy_lp, reference_lp = ray.get([pol_ref, ref_ref])
     seq_kl = (policy_lp["sum"] - reference_lp["sum"])  # E_pi[log pi - log ref] estimated from samples
+    low, high = bootstrap_ci(gold.numpy(), seed=config.seed)
+    kl_low, kl_high = bootstrap_ci(seq_kl.numpy(), seed=config.seed)
     return {"eval/gold_reward_mean": float(gold.mean()), "eval/gold_reward_std": float(gold.std()),
-            "eval/kl": float(seq_kl.mean()), "eval/response_length": float(rollout.mask.sum(-1).mean())}
+            "eval/gold_reward_ci_low": low, "eval/gold_reward_ci_high": high,
+            "eval/kl": float(seq_kl.mean()), "eval/kl_ci_low": kl_low, "eval/kl_ci_high": kl_high,
+            "eval/response_length": float(rollout.mask.sum(-1).mean())}
 
 
 def train(config: PPOConfig) -> dict:
@@ -242,8 +261,7 @@ def train(config: PPOConfig) -> dict:
     kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
               else FixedKLController(config.kl.coef))
     logger = MetricsLogger(out)
-    rng = np.random.default_rng(config.seed)
-    order: list[int] = []
+    prompt_batches = ShuffledBatches(len(train_ids), config.prompts_per_step, config.seed)
     start_all = time.perf_counter()
     totals = {"tokens_generated": 0, "tokens_trained": 0}
     first_eval = evaluate(fleet, eval_ids, config, pad_id)
@@ -253,9 +271,7 @@ def train(config: PPOConfig) -> dict:
     bar = tqdm(range(1, config.steps + 1), desc="ppo", unit="step", dynamic_ncols=True)
     for step in bar:
         t_step = time.perf_counter()
-        while len(order) < config.prompts_per_step:
-            order.extend(rng.permutation(len(train_ids)).tolist())
-        index, order = order[:config.prompts_per_step], order[config.prompts_per_step:]
+        index = prompt_batches.next()
         timing: dict[str, float] = {}
 
         t0 = time.perf_counter()
@@ -267,11 +283,13 @@ def train(config: PPOConfig) -> dict:
         response_ids = [c.response_ids for c in rollout.completions]
 
         # The four scoring passes run on four actors at once.
+        t0 = time.perf_counter()
         refs = {"policy": fleet.policy.call_all("logprobs", rollout.batch)[0],
                 "reference": fleet.reference.call_all("logprobs", rollout.batch)[0],
                 "reward": fleet.reward.call_all("score", prompt_ids, response_ids)[0],
                 "critic": fleet.critic.call_all("values", rollout.batch)[0]}
         results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
+        timing["score"] = time.perf_counter() - t0  # wall time of the four concurrent passes
         old_logprobs = results["policy"]["token_logps"]
         ref_logprobs = results["reference"]["token_logps"]
         values = results["critic"]["values"]
@@ -300,11 +318,13 @@ def train(config: PPOConfig) -> dict:
                                           ref_logprobs if config.kl.in_loss else None)[0]
         critic_ref = fleet.critic.call_all("train_value", rollout.batch, values, returns, ppo_args)[0]
         actor_metrics, critic_metrics = fleet.policy.get([actor_ref, critic_ref], "train")
-        timing["update_actor"] = actor_metrics["timing_s/update"] * actor_metrics["actor/updates"]
-        timing["update_critic"] = time.perf_counter() - t0
+        timing["update"] = time.perf_counter() - t0  # wall time; policy and critic train concurrently
+        timing["update_actor"] = actor_metrics["timing_s/total"]
+        timing["update_critic"] = critic_metrics["critic/timing_s/total"]
 
         t0 = time.perf_counter()
-        weights = ray.put(fleet.policy.run_one("named_weights"))
+        # The weights go policy -> object store -> generators without a stop in the driver.
+        weights = fleet.policy.call_all("named_weights")[0]
         fleet.generators.run_all("update_weights", weights, step)
         timing["sync_weights"] = time.perf_counter() - t0
         kl_ctl.update(float(seq_kl.mean()), config.prompts_per_step * config.rollout.n)
@@ -347,28 +367,8 @@ def train(config: PPOConfig) -> dict:
     return summary
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.ppo", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default=None, help="a name under jobs/presets or a YAML path")
-    p.add_argument("--data", default=None, help="prompt source (same as data.train=...)")
-    p.add_argument("--skip-bad-rows", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. kl.coef=0.1")
-    return p.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.train={args.data}")
-    if args.skip_bad_rows:
-        overrides.append("data.skip_bad_rows=true")
-    try:
-        config = build_config(PPOConfig, args.preset, overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"config error: {exc}")
-    train(config)
-    return 0
+    return run_cli(PPOConfig, train, "python -m jobs.ppo", __doc__, argv, "key.sub=value overrides, e.g. kl.coef=0.1")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def test_adaptive_kl_controller_reins_in_kl(ppo_run, tmp_path):
 
 @pytest.mark.parametrize("override, key", [("kl.estimator=k9", "kl.estimator"), ("ppo.clip_eps=1.5", "ppo.clip_eps"),
                                            ("reward.kind=learned", "reward.model"), ("steps=0", "steps"),
-                                           ("ppo.minibatch_size=6", "ppo.minibatch_size")])
+                                           ("ppo.minibatch_size=6", "ppo.minibatch_size"),
+                                           ("placement.trainer.gpu_pool=1", "placement.trainer")])
 def test_bad_ppo_config_is_rejected_naming_the_key(override, key):
     with pytest.raises((ConfigError, ValueError), match=key.replace(".", r"\.")):
         build_config(PPOConfig, "ppo_tiny", [override])
