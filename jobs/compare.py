@@ -49,7 +49,7 @@ class CompareConfig:
     preferred_ft: dict[str, Any] | None = field(default_factory=dict)  # None: skip Preferred-FT
     best_of_n: dict[str, Any] | None = field(default_factory=dict)     # None: skip Best-of-N
     eval: EvalConfig = field(default_factory=EvalConfig)
-    generation_backend: str = "hf"
+    generation_backend: str = "auto"       # hf | vllm | auto (vLLM where installed and able to host the model)
     torch_threads: int | None = None
     address: str | None = None
 
@@ -273,7 +273,8 @@ def _best_of_n_stage(runner: StageRunner, config: CompareConfig, sft_policy: str
     from jobs.best_of_n import train as run_best_of_n
 
     base = {"model": sft_policy, "reward": {"kind": "learned", "model": reward_model}, "gold_scorer": config.gold_scorer,
-            "data": dataclasses.asdict(config.prompts), "max_new_tokens": config.eval.max_new_tokens,
+            "data": dataclasses.asdict(config.prompts), "split": "eval", "num_prompts": config.eval.num_prompts,
+            "max_new_tokens": config.eval.max_new_tokens,
             "seed": config.seed, "torch_threads": config.torch_threads, "backend": config.generation_backend}
     result = _run_job(runner, "best-of-n", BestOfNConfig, base, config.best_of_n, run_best_of_n)
     table = pd.read_csv(result.summary["csv"])

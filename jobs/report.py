@@ -52,9 +52,13 @@ def build_tables(config, policies: dict, evaluations: dict, stages: dict, best_o
     tables = {"runs": runs, "win_rates": pd.concat(wins, ignore_index=True)}
     if best_of_n is not None:
         bon = best_of_n.copy()
-        total = _stage_compute(stages, list(bon["stages"].iloc[0]))
-        bon["total_cpu_s"] = total["cpu_s"]
-        bon["total_wall_s"] = total["wall_s"]
+        names = list(bon["stages"].iloc[0])
+        deps, own = _stage_compute(stages, names[:-1]), _stage_compute(stages, names[-1:])
+        # One pool of max_n samples serves every N; Best-of-N alone would sample N, so its own cost
+        # is scaled by N / max_n (sampling dominates it), on top of the stages it depends on.
+        share = bon["n"] / bon["n"].max()
+        bon["total_cpu_s"] = deps["cpu_s"] + own["cpu_s"] * share
+        bon["total_wall_s"] = deps["wall_s"] + own["wall_s"] * share
         tables["best_of_n"] = bon.drop(columns=["stages"])
     tables["compute_matched"] = compute_matched(runs)
     tables["stages"] = pd.DataFrame([{"stage": s.name, "skipped": s.skipped, **s.compute,

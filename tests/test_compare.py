@@ -28,14 +28,15 @@ def comparison(ray_cluster, tmp_path_factory):
 def test_every_stage_runs_and_the_report_has_its_plots(comparison):
     config, result, root = comparison
     expected = {"sft", "preference_data", "reward", "ppo-kl0.05", "ppo-kl0.5", "ppo-gt-kl0.5", "dpo-beta0.1",
-                "dpo-beta0.5", "preferred-ft"}
+                "dpo-beta0.5", "preferred-ft", "best-of-n"}
     assert expected <= set(result["stages"])
     assert not any(result["stages"].values())  # first run: nothing skipped
     page = (root / "report.html").read_text()
     images = re.findall(r"<img alt='([^']+)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
-    assert {title for title, _ in images} >= {"Reward–KL frontier", "Win rate vs temperature", "Reward vs compute"}
+    assert {title for title, _ in images} == {"Reward–KL frontier", "Win rate vs temperature", "Reward vs compute",
+                                              "Best-of-N vs N"}
     assert all(len(data) > 1000 for _, data in images)
-    for name in ("runs", "win_rates", "compute_matched", "stages"):
+    for name in ("runs", "win_rates", "compute_matched", "stages", "best_of_n"):
         assert (root / "tables" / f"{name}.csv").exists() and (root / "tables" / f"{name}.parquet").exists()
     summary = (root / "summary.txt").read_text()
     assert "SFT policy scores" in summary and "Best DPO minus best PPO" in summary
