@@ -261,6 +261,10 @@ def run_experiment(config: CompareConfig) -> dict:
     from jobs.report import write_report
 
     report_path = write_report(root, config, policies, evaluations, runner.results, best_of_n_rows)
+    examples = pd.read_csv(root / "tables" / "examples.csv", keep_default_na=False)
+    for _, row in examples.groupby("run").head(1).iterrows():
+        print(f"[sample] {row['run']:>14}: {row['prompt']!r} -> {row['continuation']!r} (gold {row['gold']:+.3f})")
+    print((root / "summary.txt").read_text().rstrip())
     print(f"[report] {report_path}")
     return {"report": str(report_path), "stages": {k: v.skipped for k, v in runner.results.items()}}
 

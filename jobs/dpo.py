@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
 
 from actors.batch import collate_pairs
 from actors.dpo_losses import REFERENCE_FREE_VARIANTS, VARIANTS
@@ -28,7 +27,7 @@ from jobs.cluster import check_placement, init_ray, role_resources
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
 from jobs.metrics import MetricsLogger
-from jobs.sampler import ShuffledBatches, plan_steps
+from jobs.sampler import ShuffledBatches, plan_steps, supervised_steps
 from jobs.reference_cache import reference_logps
 
 
@@ -178,25 +177,19 @@ def train(config: DPOConfig) -> dict:
     logger = MetricsLogger(out)
     batches = ShuffledBatches(len(train_enc), config.batch_size, config.seed)
     start_all = time.perf_counter()
-    tokens_trained = 0
-    last_eval: dict = {}
-    bar = tqdm(range(1, total_steps + 1), desc=f"dpo[{config.loss.variant}]", unit="step", dynamic_ncols=True)
-    for step in bar:
-        index = batches.next()
-        pairs = [train_enc[i] for i in index]
+
+    def train_step(index: list[int]) -> dict:
         rc, rr = ref_train(index)
-        t0 = time.perf_counter()
-        metrics = policy.run_one("train_dpo", _batch(pairs, pad_id), rc, rr, loss, config.micro_batch_size)
-        seconds = time.perf_counter() - t0
-        tokens_trained += int(metrics["tokens"])
-        metrics.update({"timing_s/step": seconds, "perf/tokens_per_s": metrics["tokens"] / seconds,
-                        "epoch": step / steps_per_epoch})
-        if eval_enc and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
-            last_eval = evaluate(policy, eval_enc, ref_eval, loss, pad_id, config.micro_batch_size)
-            metrics.update(last_eval)
-        logger.log(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
-                        margin=f"{metrics['rewards/margins']:.3f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
+        return policy.run_one("train_dpo", _batch([train_enc[i] for i in index], pad_id), rc, rr, loss,
+                              config.micro_batch_size)
+
+    tokens_trained, last_eval = supervised_steps(
+        desc=f"dpo[{config.loss.variant}]", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        batches=batches, train_step=train_step,
+        evaluate=(lambda: evaluate(policy, eval_enc, ref_eval, loss, pad_id, config.micro_batch_size))
+        if eval_enc else None, eval_every=config.eval_every, logger=logger,
+        postfix={"loss": ("loss", ".4f"), "acc": ("rewards/accuracies", ".2f"), "margin": ("rewards/margins", ".3f"),
+                 "tok_s": ("perf/tokens_per_s", ".0f")})
     logger.close()
     checkpoint = out / "checkpoint"
     policy.run_one("save", str(checkpoint))

@@ -61,9 +61,22 @@ def build_tables(config, policies: dict, evaluations: dict, stages: dict, best_o
         bon["total_wall_s"] = deps["wall_s"] + own["wall_s"] * share
         tables["best_of_n"] = bon.drop(columns=["stages"])
     tables["compute_matched"] = compute_matched(runs)
+    tables["examples"] = example_continuations(policies, evaluations, config.eval.kl_temperature)
     tables["stages"] = pd.DataFrame([{"stage": s.name, "skipped": s.skipped, **s.compute,
                                       **{k: s.summary.get(k) for k in TOKEN_KEYS}} for s in stages.values()])
     return tables
+
+
+def example_continuations(policies: dict, evaluations: dict, temperature: float, prompts: int = 3) -> pd.DataFrame:
+    """The first sample of each run on the first few held-out prompts, at the KL temperature."""
+    rows = []
+    for run, info in policies.items():
+        samples = evaluations[run]
+        picked = samples[(samples["temperature"] == temperature) & (samples["sample_index"] == 0)]
+        for _, row in picked.sort_values("prompt_index").head(prompts).iterrows():
+            rows.append({"run": run, "method": info["method"], "prompt": row["prompt"], "continuation": row["response"],
+                         "gold": row["gold"]})
+    return pd.DataFrame(rows)
 
 
 def compute_matched(runs: pd.DataFrame, cost: str = "total_cpu_s") -> pd.DataFrame:
@@ -141,23 +154,29 @@ def _figure_png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def plot_frontier(tables: dict) -> str:
+def _methods_scatter(tables: dict, x: str, bon_x: str, xlabel: str, title: str, x_ci: bool) -> str:
+    """Every run a point with 95% CI bars, one colour per method; Best-of-N as its own series."""
     runs = tables["runs"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, group in runs.groupby("method"):
-        ax.errorbar(group["kl"], group["gold_reward"],
-                    xerr=[group["kl"] - group["kl_ci_low"], group["kl_ci_high"] - group["kl"]],
+        xerr = [group[x] - group[f"{x}_ci_low"], group[f"{x}_ci_high"] - group[x]] if x_ci else None
+        ax.errorbar(group[x], group["gold_reward"], xerr=xerr,
                     yerr=[group["gold_reward"] - group["gold_reward_ci_low"], group["gold_reward_ci_high"] - group["gold_reward"]],
                     fmt="o", capsize=3, color=METHOD_COLORS.get(method), label=method)
     if "best_of_n" in tables:
         bon = tables["best_of_n"]
-        ax.plot(bon["kl_analytic"], bon["gold_reward"], "s--", color=METHOD_COLORS["Best-of-N"], label="Best-of-N")
-    ax.set_xlabel("KL(π ‖ π_SFT), nats (sampled, 95% CI)")
+        ax.plot(bon[bon_x], bon["gold_reward"], "s--", color=METHOD_COLORS["Best-of-N"], label="Best-of-N")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("gold reward (95% CI)")
-    ax.set_title("Reward–KL frontier")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _figure_png(fig)
+
+
+def plot_frontier(tables: dict) -> str:
+    return _methods_scatter(tables, "kl", "kl_analytic", "KL(π ‖ π_SFT), nats (sampled, 95% CI; Best-of-N analytic)",
+                            "Reward–KL frontier", x_ci=True)
 
 
 def plot_win_rates(tables: dict) -> str:
@@ -180,21 +199,9 @@ def plot_win_rates(tables: dict) -> str:
 
 
 def plot_reward_vs_compute(tables: dict) -> str:
-    runs = tables["runs"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method, group in runs.groupby("method"):
-        ax.errorbar(group["total_cpu_s"], group["gold_reward"],
-                    yerr=[group["gold_reward"] - group["gold_reward_ci_low"], group["gold_reward_ci_high"] - group["gold_reward"]],
-                    fmt="o", capsize=3, color=METHOD_COLORS.get(method), label=method)
-    if "best_of_n" in tables:
-        bon = tables["best_of_n"]
-        ax.plot(bon["total_cpu_s"], bon["gold_reward"], "s", color=METHOD_COLORS["Best-of-N"], label="Best-of-N")
-    ax.set_xlabel("compute spent, CPU-seconds (incl. reward model, preference data, reference)")
-    ax.set_ylabel("gold reward")
-    ax.set_title("Reward vs compute")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _figure_png(fig)
+    return _methods_scatter(tables, "total_cpu_s", "total_cpu_s",
+                            "compute spent, CPU-seconds (incl. reward model, preference data, reference)",
+                            "Reward vs compute", x_ci=False)
 
 
 def plot_best_of_n(tables: dict) -> str | None:
@@ -249,6 +256,7 @@ def write_report(root: Path, config, policies, evaluations, stages, best_of_n) -
     ]
     if "best_of_n" in tables:
         parts.append("<h2>Best-of-N</h2>" + _table_html(tables["best_of_n"]))
+    parts.append("<h2>Example continuations</h2>" + _table_html(tables["examples"]))
     parts.append("<h2>Stages</h2>" + _table_html(tables["stages"]))
     parts.append(f"<p>Tables: <code>{html.escape(str(table_dir))}</code> (CSV and Parquet). Samples of every policy: "
                  "<code>stages/eval-*/samples.parquet</code>.</p></body></html>")

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
 
 from actors.batch import collate_pairs
 from actors.generation import GenerationActor, SamplingConfig, generate_sharded
@@ -29,7 +28,7 @@ from jobs.cluster import init_ray
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
 from jobs.metrics import MetricsLogger
-from jobs.sampler import ShuffledBatches, plan_steps
+from jobs.sampler import ShuffledBatches, plan_steps, supervised_steps
 
 
 @dataclass
@@ -132,23 +131,15 @@ def train(config: RewardTrainConfig) -> dict:
     logger = MetricsLogger(out)
     first_eval = evaluate(reward, eval_enc, pad_id, config.micro_batch_size)
     logger.log(0, first_eval)
-    last_eval = first_eval
     batches = ShuffledBatches(len(train_enc), config.batch_size, config.seed)
-    tokens_trained, start_all = 0, time.perf_counter()
-    bar = tqdm(range(1, total_steps + 1), desc="reward", unit="step", dynamic_ncols=True)
-    for step in bar:
-        pairs = [train_enc[i] for i in batches.next()]
-        t0 = time.perf_counter()
-        metrics = reward.run_one("train_rm", _batch(pairs, pad_id), config.margin, config.micro_batch_size)
-        seconds = time.perf_counter() - t0
-        tokens_trained += int(metrics["tokens"])
-        metrics.update({"timing_s/step": seconds, "perf/tokens_per_s": metrics["tokens"] / seconds,
-                        "epoch": step / steps_per_epoch})
-        if eval_enc and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
-            last_eval = evaluate(reward, eval_enc, pad_id, config.micro_batch_size)
-            metrics.update(last_eval)
-        logger.log(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+    start_all = time.perf_counter()
+    tokens_trained, last_eval = supervised_steps(
+        desc="reward", total_steps=total_steps, steps_per_epoch=steps_per_epoch, batches=batches,
+        train_step=lambda index: reward.run_one("train_rm", _batch([train_enc[i] for i in index], pad_id),
+                                                config.margin, config.micro_batch_size),
+        evaluate=(lambda: evaluate(reward, eval_enc, pad_id, config.micro_batch_size)) if eval_enc else None,
+        eval_every=config.eval_every, logger=logger, postfix={"loss": ("loss", ".4f"), "acc": ("accuracy", ".2f")})
+    last_eval = last_eval or first_eval
     logger.close()
 
     normalization = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 
@@ -31,3 +33,30 @@ def plan_steps(rows: int, batch_size: int, epochs: int, max_steps: int | None) -
     if max_steps:
         total = min(total, max_steps) if epochs > 1 else max_steps
     return per_epoch, total
+
+
+def supervised_steps(*, desc: str, total_steps: int, steps_per_epoch: int, batches: ShuffledBatches,
+                     train_step, evaluate, eval_every: int, logger, postfix: dict[str, str]) -> tuple[int, dict]:
+    """The step loop SFT, reward-model training and DPO share: draw a batch, take one optimizer step on
+    the actor (``train_step(indices) -> metrics`` with ``tokens``), time it, evaluate every
+    ``eval_every`` steps and at the end (``evaluate() -> metrics``, or None), log, show progress.
+
+    Returns (tokens trained on, the last evaluation's metrics).
+    """
+    from tqdm import tqdm
+
+    tokens, last_eval = 0, {}
+    bar = tqdm(range(1, total_steps + 1), desc=desc, unit="step", dynamic_ncols=True)
+    for step in bar:
+        start = time.perf_counter()
+        metrics = train_step(batches.next())
+        seconds = time.perf_counter() - start
+        tokens += int(metrics["tokens"])
+        metrics.update({"timing_s/step": seconds, "perf/tokens_per_s": metrics["tokens"] / seconds,
+                        "epoch": step / steps_per_epoch})
+        if evaluate is not None and ((eval_every and step % eval_every == 0) or step == total_steps):
+            last_eval = evaluate()
+            metrics.update(last_eval)
+        logger.log(step, metrics)
+        bar.set_postfix({name: format(metrics[key], spec) for name, (key, spec) in postfix.items()})
+    return tokens, last_eval

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from actors.batch import collate_sequences
 from actors.group import ActorGroup, ActorResources
@@ -29,7 +28,7 @@ from jobs.cluster import init_ray
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits, load_prompt_splits
 from jobs.metrics import MetricsLogger
-from jobs.sampler import ShuffledBatches, plan_steps
+from jobs.sampler import ShuffledBatches, plan_steps, supervised_steps
 
 TARGETS = ("chosen", "continuation")
 
@@ -136,23 +135,16 @@ def train(config: SFTConfig) -> dict:
     logger = MetricsLogger(out)
     first_eval = evaluate(policy, eval_demos, pad_id, config.micro_batch_size) if eval_demos else {}
     logger.log(0, first_eval)
-    last_eval = first_eval
     batches = ShuffledBatches(len(train_demos), config.batch_size, config.seed)
-    tokens_trained, start_all = 0, time.perf_counter()
-    bar = tqdm(range(1, total_steps + 1), desc=f"sft[{config.target}]", unit="step", dynamic_ncols=True)
-    for step in bar:
-        index = batches.next()
-        t0 = time.perf_counter()
-        metrics = policy.run_one("train_sft", _batch([train_demos[i] for i in index], pad_id), config.micro_batch_size)
-        seconds = time.perf_counter() - t0
-        tokens_trained += int(metrics["tokens"])
-        metrics.update({"timing_s/step": seconds, "perf/tokens_per_s": metrics["tokens"] / seconds,
-                        "epoch": step / steps_per_epoch})
-        if eval_demos and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
-            last_eval = evaluate(policy, eval_demos, pad_id, config.micro_batch_size)
-            metrics.update(last_eval)
-        logger.log(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
+    start_all = time.perf_counter()
+    tokens_trained, last_eval = supervised_steps(
+        desc=f"sft[{config.target}]", total_steps=total_steps, steps_per_epoch=steps_per_epoch, batches=batches,
+        train_step=lambda index: policy.run_one("train_sft", _batch([train_demos[i] for i in index], pad_id),
+                                                config.micro_batch_size),
+        evaluate=(lambda: evaluate(policy, eval_demos, pad_id, config.micro_batch_size)) if eval_demos else None,
+        eval_every=config.eval_every, logger=logger,
+        postfix={"loss": ("loss", ".4f"), "tok_s": ("perf/tokens_per_s", ".0f")})
+    last_eval = last_eval or first_eval
     logger.close()
     checkpoint = out / "checkpoint"
     policy.run_one("save", str(checkpoint))
