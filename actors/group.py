@@ -21,6 +21,7 @@ class ActorResources:
     num_gpus: float | str = "auto"  # "auto": one GPU each when the cluster has GPUs, else none
     torch_threads: int | None = None
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources, e.g. {"trainer": 1}
+    pin_cores: bool = False        # give actor i its own block of torch_threads cores (one node, Linux)
     max_restarts: int = 0
 
     def resolved_gpus(self) -> float:
@@ -56,6 +57,16 @@ class ActorGroup:
             ).remote(**kwargs)
             for name in self.names
         ]
+
+    def pin_cores(self) -> list[list[int]]:
+        """Actor i keeps to cores [i*t, (i+1)*t) with t = torch_threads (wrapping around the machine)."""
+        import os
+
+        per = max(1, int(self.resources.torch_threads or 1))
+        count = os.cpu_count() or 1
+        blocks = [[(i * per + k) % count for k in range(per)] for i in range(len(self.actors))]
+        return self.get([actor.__ray_call__.remote(_pin, block) for actor, block in zip(self.actors, blocks)],
+                        "pin_cores", 60)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -107,7 +118,11 @@ class ActorGroup:
 
     def wait_ready(self, timeout_s: float = 600.0) -> list[dict]:
         """Block until every actor has loaded its model; returns each actor's info()."""
-        return self.run_all("info", timeout_s=timeout_s)
+        infos = self.run_all("info", timeout_s=timeout_s)
+        if self.resources.pin_cores:
+            for info, cores in zip(infos, self.pin_cores()):
+                info["cpu_cores"] = cores
+        return infos
 
     def process_seconds(self, timeout_s: float = 30.0) -> list[float]:
         """CPU seconds each actor's process has used so far (user + system, all threads)."""
@@ -126,6 +141,12 @@ class ActorGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def _pin(_actor, cores: list[int]) -> list[int]:
+    from actors.runtime import pin_to_cores
+
+    return pin_to_cores(cores)
 
 
 def _process_cpu_seconds(_actor) -> float:

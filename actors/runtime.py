@@ -80,3 +80,19 @@ def describe_actor(role: str, device: torch.device | str = "cpu", **extra) -> di
         pass
     return {"role": role, "pid": os.getpid(), "host": socket.gethostname(), "node_id": node_id,
             "device": str(device), "torch_threads": torch.get_num_threads(), **extra}
+
+
+def pin_to_cores(cores: list[int]) -> list[int]:
+    """Confine every thread of this process (and threads it starts later) to ``cores`` (Linux).
+
+    "One thread per actor" is otherwise loose: an engine's scheduler and tokenizer threads spill onto
+    idle cores, so a one-actor baseline quietly uses more than one core.
+    """
+    import os
+
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sorted(os.sched_getaffinity(0))

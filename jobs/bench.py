@@ -68,7 +68,7 @@ def _generation_config(args, backend: str, generators: int) -> dict:
     sampling = SamplingConfig(n=1, temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
     options = ({"max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib} if backend == "vllm" else None)
     group = ActorGroup(GenerationActor, f"bench-{backend}-{generators}g", num_actors=generators, indexed_names=True,
-                       resources=ActorResources(torch_threads=threads),
+                       resources=ActorResources(torch_threads=threads, pin_cores=args.pin_cores),
                        init_kwargs={"model": args.model, "backend": backend, "dtype": args.dtype,
                                     "micro_batch_size": args.prompts, "backend_options": options})
     try:
@@ -93,6 +93,7 @@ def _generation_config(args, backend: str, generators: int) -> dict:
         group.shutdown()
     best = max(runs, key=lambda r: r["tokens_per_s"])
     return {"backend": backend, "generators": generators, "torch_threads_per_generator": threads,
+            "cpu_cores": [i.get("cpu_cores") for i in infos],
             "engine_start_s": max(i["start_seconds"] for i in infos), "weight_sync_path": infos[0]["weight_sync"],
             "runs": runs, "tokens_per_s": best["tokens_per_s"], "weight_sync": syncs,
             "weight_sync_s": min(s["wall_s"] for s in syncs)}
@@ -205,6 +206,8 @@ def main(argv=None) -> int:
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--threads", type=int, default=None, help="threads per generator (default: cores / generators)")
     gen.add_argument("--repeats", type=int, default=2)
+    gen.add_argument("--pin-cores", action="store_true",
+                     help="confine generator i to its own cores (a fair 'one thread each' scale-out comparison)")
     gen.add_argument("--sync-repeats", type=int, default=3)
     gen.add_argument("--max-model-len", type=int, default=256, help="vLLM only")
     gen.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM on CPU only")

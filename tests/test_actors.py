@@ -144,3 +144,38 @@ def test_missing_model_path_is_a_clear_error():
         resolve_model_path("./no/such/model")
     with pytest.raises(ModelNotFoundError, match="not a built-in"):
         resolve_model_path("not-a-model")
+
+
+
+def test_actor_group_pins_actors_and_books_their_cpu_seconds(ray_cluster):
+    import os
+
+    from actors.group import COMPUTE_LEDGER, ActorGroup, ActorResources
+
+    class Spinner:
+        """A plain actor (defined here so Ray pickles it by value): burns CPU, reports its affinity."""
+
+        def __init__(self, torch_threads=None):
+            pass
+
+        def info(self) -> dict:
+            return {}
+
+        def spin(self, seconds: float) -> list[int]:
+            import os
+            import time
+
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+            return sorted(os.sched_getaffinity(0))
+
+    group = ActorGroup(Spinner, "spinner", num_actors=2,
+                       resources=ActorResources(torch_threads=1, pin_cores=True, num_cpus=0.1))
+    infos = group.wait_ready()
+    count = os.cpu_count()
+    assert [i["cpu_cores"] for i in infos] == [[0], [1 % count]]
+    assert group.run_all("spin", 0.5) == [[0], [1 % count]]
+    before = COMPUTE_LEDGER.cpu_s.get("spinner", 0.0)
+    group.shutdown()
+    assert COMPUTE_LEDGER.cpu_s["spinner"] - before >= 0.9  # two actors spun 0.5 s each

@@ -102,3 +102,17 @@ def test_compare_config_errors_name_the_key():
         build_config(CompareConfig, "compare_tiny", ["dpo_betas=[0.1,-1]"])
     with pytest.raises(ConfigError, match="nothing to compare"):
         build_config(CompareConfig, "compare_tiny", ["dpo_betas=[]", "ppo_kl_coefs=[]"])
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(comparison, tmp_path):
+    """Skipped where no headless Chromium is installed (CI's image has none; see README)."""
+    from jobs.check_report import check_report, find_browser
+
+    if find_browser() is None:
+        pytest.skip("no headless Chromium on this machine")
+    _, _, root = comparison
+    result = check_report(root / "report.html", tmp_path / "report.png")
+    assert result["ok"], result
+    assert {i["alt"] for i in result["images"]} >= {"Reward–KL frontier", "Best-of-N vs N"}
+    assert (tmp_path / "report.png").stat().st_size > 10_000
