@@ -116,3 +116,33 @@ def test_report_renders_in_headless_chromium(comparison, tmp_path):
     assert result["ok"], result
     assert {i["alt"] for i in result["images"]} >= {"Reward–KL frontier", "Best-of-N vs N"}
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("preset", ["demo", "compare_tiny", "compare_imdb", "compare_tldr", "compare_hh"])
+def test_every_compare_preset_and_its_stage_configs_validate(preset):
+    """The GPU presets cannot run here; their configs, and the job config each stage would build from
+    them, are checked exactly as a run would check them before starting any actor."""
+    import dataclasses
+
+    from jobs.best_of_n import BestOfNConfig
+    from jobs.compare import _job_config
+    from jobs.dpo import DPOConfig
+    from jobs.ppo import PPOConfig
+    from jobs.reward import RewardTrainConfig
+    from jobs.sft import SFTConfig
+
+    config = build_config(CompareConfig, preset)
+    pairs = {"train": "jsonl:pairs.jsonl", "eval_fraction": 0.1}
+    if config.sft is not None:
+        _job_config(SFTConfig, {"model": config.model}, config.sft)
+    _job_config(RewardTrainConfig, {"model": config.model, "data": pairs}, config.reward)
+    ppo = _job_config(PPOConfig, {"model": config.model, "data": dataclasses.asdict(config.prompts),
+                                  "reward": {"kind": "gold", "scorer": config.gold_scorer}}, config.ppo)
+    assert ppo.kl.coef > 0
+    _job_config(DPOConfig, {"model": config.model, "data": pairs}, config.dpo)
+    if config.preferred_ft is not None:
+        _job_config(SFTConfig, {"model": config.model, "data": pairs, "target": "chosen"}, config.preferred_ft)
+    if config.best_of_n is not None:
+        _job_config(BestOfNConfig, {"model": config.model, "gold_scorer": config.gold_scorer,
+                                    "reward": {"kind": "gold", "scorer": config.gold_scorer}}, config.best_of_n)
+    assert len(config.dpo_betas) >= 2 and (len(config.ppo_kl_coefs) >= 3 or preset == "compare_tiny")
