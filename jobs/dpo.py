@@ -27,7 +27,7 @@ from jobs.cluster import check_placement, init_ray, role_resources
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
 from jobs.metrics import MetricsLogger
-from jobs.sampler import ShuffledBatches, plan_steps, supervised_steps
+from jobs.sampler import ShuffledBatches, check_step_plan, plan_steps, supervised_steps
 from jobs.reference_cache import reference_logps
 
 
@@ -77,15 +77,9 @@ class DPOConfig:
         self.optimizer.validate()
         self.tokenize.validate()
         self.data.validate()
-        for key in ("batch_size", "micro_batch_size", "epochs"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        check_step_plan(self)
         if self.reference_mode not in ("precompute", "on_the_fly"):
             raise ConfigError(f"reference_mode must be precompute or on_the_fly, got {self.reference_mode!r}")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
         for key in ("model", "reference_model"):
             check_model(key, getattr(self, key))
         check_placement(self.placement, ("policy", "reference"))

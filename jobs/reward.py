@@ -28,7 +28,7 @@ from jobs.cluster import init_ray
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
 from jobs.metrics import MetricsLogger
-from jobs.sampler import ShuffledBatches, plan_steps, supervised_steps
+from jobs.sampler import ShuffledBatches, check_step_plan, plan_steps, supervised_steps
 
 
 @dataclass
@@ -63,11 +63,7 @@ class RewardTrainConfig:
         self.tokenize.validate()
         self.optimizer.validate()
         self.normalize.sampling.validate("normalize.sampling")
-        for key in ("batch_size", "micro_batch_size", "epochs"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        check_step_plan(self)
         if self.normalize.num_prompts < 2:
             raise ConfigError(f"normalize.num_prompts must be >= 2 (a std needs two samples), got "
                               f"{self.normalize.num_prompts}")

@@ -25,6 +25,19 @@ class ShuffledBatches:
         return batch
 
 
+def check_step_plan(config) -> None:
+    """The step-plan fields SFT, reward-model training and DPO share, checked before any actor starts."""
+    from jobs.config import ConfigError
+
+    for key in ("batch_size", "micro_batch_size", "epochs"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ConfigError(f"max_steps must be >= 1 or null, got {config.max_steps}")
+    if config.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0, got {config.eval_every}")
+
+
 def plan_steps(rows: int, batch_size: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
     """(steps per epoch, total steps). ``max_steps`` caps multi-epoch runs and sets the length of a
     one-epoch run (so a small dataset can be trained on for longer than one pass)."""

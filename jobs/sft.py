@@ -28,7 +28,7 @@ from jobs.cluster import init_ray
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits, load_prompt_splits
 from jobs.metrics import MetricsLogger
-from jobs.sampler import ShuffledBatches, plan_steps, supervised_steps
+from jobs.sampler import ShuffledBatches, check_step_plan, plan_steps, supervised_steps
 
 TARGETS = ("chosen", "continuation")
 
@@ -58,13 +58,7 @@ class SFTConfig:
         self.optimizer.validate()
         if self.target not in TARGETS:
             raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
-        for key in ("batch_size", "micro_batch_size", "epochs"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        check_step_plan(self)
         check_model("model", self.model)
 
 
