@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+from actors.runtime import rng_state, set_rng_state
+
+TRAINER_STATE = "trainer_state.pt"
 
 
 @dataclass
@@ -104,4 +110,33 @@ class TrainableMixin:
         sums.update({"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
                      "skipped_nonfinite": float(not finite), "timing_s/update": time.perf_counter() - start})
         return sums
+
+    # -- checkpoint state -------------------------------------------------------------------------
+    def save_state(self, folder: str) -> str:
+        """Everything this actor needs to continue training exactly where it is: weights, optimizer and
+        schedule states, step counters and the process's RNG states. Written to a temporary name and
+        renamed, so a crash mid-write never leaves a truncated file under the final name."""
+        folder_path = Path(folder)
+        folder_path.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "global_step": self.global_step,
+                 "nonfinite_steps": self.nonfinite_steps, "rng": rng_state()}
+        target = folder_path / TRAINER_STATE
+        partial = target.with_name(target.name + ".partial")
+        torch.save(state, partial)
+        os.replace(partial, target)
+        return str(target)
+
+    def load_state(self, folder: str) -> int:
+        """Restore what ``save_state`` wrote (same model and optimizer shapes); returns the global step."""
+        state = torch.load(Path(folder) / TRAINER_STATE, map_location="cpu",
+                           weights_only=False)  # our own file: RNG states are numpy/python objects
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.global_step = int(state["global_step"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        set_rng_state(state["rng"])
+        self.model.eval()
+        return self.global_step
 

@@ -167,7 +167,8 @@ def check_model(key: str, value: str | None) -> None:
 
 def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str | None, argv=None,
             override_help: str = "key.sub=value overrides") -> int:
-    """The command line every driver shares: ``--preset``, ``--data``, ``--skip-bad-rows``, overrides.
+    """The command line every driver shares: ``--preset``, ``--data``, ``--skip-bad-rows``, overrides, and
+    ``--resume`` / ``--resume-from PATH`` for drivers whose config has a ``checkpoint`` section.
 
     A bad config exits with a message naming the key before any actor starts.
     """
@@ -177,6 +178,10 @@ def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str 
     parser.add_argument("--preset", default=None, help="a name under jobs/presets or a YAML path")
     parser.add_argument("--data", default=None, help="training data spec (same as data.train=...)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
+    if any(f.name == "checkpoint" for f in dataclasses.fields(cls)):
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from the run's newest checkpoint (a fresh start if it has none)")
+        parser.add_argument("--resume-from", default=None, metavar="PATH", help="continue from this checkpoint folder")
     parser.add_argument("overrides", nargs="*", help=override_help)
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
@@ -184,6 +189,10 @@ def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str 
         overrides.append(f"data.train={args.data}")
     if args.skip_bad_rows:
         overrides.append("data.skip_bad_rows=true")
+    if getattr(args, "resume_from", None):
+        overrides.append(f"checkpoint.resume={args.resume_from}")
+    elif getattr(args, "resume", False):
+        overrides.append("checkpoint.resume=latest")
     try:
         config = build_config(cls, args.preset, overrides)
     except (ConfigError, ValueError) as exc:

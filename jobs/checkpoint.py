@@ -1,0 +1,133 @@
+"""Run checkpoints: folders written atomically with a manifest, found again for ``--resume``, pruned.
+
+A checkpoint is ``<run>/checkpoints/step_000010/``: one sub-folder per trainable actor (its
+``save_state``), ``driver.pt`` (data-loader position, KL controller, driver RNG, metrics so far) and
+``manifest.json`` (step, files, config hash), written last. The folder is built under a temporary
+name and renamed into place only when complete, so an interrupted write leaves the previous
+checkpoint as the latest loadable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.config import ConfigError
+
+MANIFEST = "manifest.json"
+DRIVER_STATE = "driver.pt"
+PREFIX = "step_"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0                 # steps between checkpoints; 0 = only at the end
+    keep: int = 2                  # newest checkpoints kept on disk (older ones are deleted)
+    resume: str | None = None      # "latest" (the run's newest checkpoint) or a checkpoint folder
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1, got {self.keep}")
+        if self.resume not in (None, "", "latest") and not Path(self.resume).is_dir():
+            raise ConfigError(f"checkpoint.resume: no checkpoint folder at {self.resume!r}")
+
+
+@dataclass
+class FaultConfig:
+    max_nonfinite_in_row: int = 3  # abort after this many skipped (non-finite) updates in a row
+    max_recoveries: int = 2        # times a run recreates dead actors and resumes from its latest checkpoint
+    call_timeout_s: float = 1800.0  # a remote call that blocks longer than this fails, naming role and method
+
+    def validate(self) -> None:
+        if self.max_nonfinite_in_row < 1:
+            raise ConfigError(f"faults.max_nonfinite_in_row must be >= 1, got {self.max_nonfinite_in_row}")
+        if self.max_recoveries < 0:
+            raise ConfigError(f"faults.max_recoveries must be >= 0, got {self.max_recoveries}")
+        if not self.call_timeout_s > 0:
+            raise ConfigError(f"faults.call_timeout_s must be > 0, got {self.call_timeout_s}")
+
+
+class NonFiniteAbort(RuntimeError):
+    """Too many non-finite updates in a row; the last good checkpoint is left as it was."""
+
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (with a manifest), oldest first. Temporary folders are ignored."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MANIFEST).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint folder to resume from, None to start fresh (``latest`` with no checkpoint yet)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    folder = Path(resume)
+    if not (folder / MANIFEST).exists():
+        raise ConfigError(f"checkpoint.resume: {folder} has no {MANIFEST} (an incomplete or foreign folder)")
+    return folder
+
+
+def read_manifest(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+class CheckpointWriter:
+    """Writes ``step_N`` folders for one run: actors save into the temporary folder, then the driver
+    state and the manifest, then one rename publishes it; older ones beyond ``keep`` are pruned."""
+
+    def __init__(self, run_dir: str | Path, keep: int, config_hash: str):
+        self.root = checkpoints_root(run_dir)
+        self.keep = keep
+        self.config_hash = config_hash
+
+    def write(self, step: int, save_actors, driver_state: dict[str, Any]) -> Path:
+        """``save_actors(tmp_folder) -> list of sub-folder names`` saves every trainable actor's state."""
+        start = time.perf_counter()
+        final = self.root / f"{PREFIX}{step:06d}"
+        tmp = self.root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        parts = list(save_actors(tmp))
+        torch.save(driver_state, tmp / DRIVER_STATE)
+        manifest = {"step": step, "parts": parts, "driver_state": DRIVER_STATE, "config_hash": self.config_hash,
+                    "written_at": time.time(), "write_s": time.perf_counter() - start}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if final.exists():  # a rerun of the same step (after a recovery): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self.prune()
+        return final
+
+    def prune(self) -> list[Path]:
+        found = list_checkpoints(self.root.parent)
+        removed = found[:-self.keep] if len(found) > self.keep else []
+        for folder in removed:
+            shutil.rmtree(folder, ignore_errors=True)
+        for stale in self.root.glob(f".tmp-{PREFIX}*"):  # left by a writer that died mid-write
+            if not stale.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(stale, ignore_errors=True)
+        return removed
+
+
+def load_driver_state(folder: str | Path) -> dict:
+    return torch.load(Path(folder) / DRIVER_STATE, map_location="cpu", weights_only=False)
