@@ -22,7 +22,8 @@ class ActorResources:
     torch_threads: int | None = None
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources, e.g. {"trainer": 1}
     pin_cores: bool = False        # give actor i its own block of torch_threads cores (one node, Linux)
-    max_restarts: int = 0
+    max_restarts: int = 0          # Ray restarts a dead actor this often (frozen roles: nothing to restore)
+    max_task_retries: int = 0      # and re-runs the calls that were in flight on it
 
     def resolved_gpus(self) -> float:
         if self.num_gpus != "auto":
@@ -54,6 +55,7 @@ class ActorGroup:
             remote_cls.options(
                 name=name, num_cpus=self.resources.num_cpus, num_gpus=self.gpus_per_actor,
                 resources=dict(self.resources.resources), max_restarts=self.resources.max_restarts,
+                max_task_retries=self.resources.max_task_retries if self.resources.max_restarts else 0,
             ).remote(**kwargs)
             for name in self.names
         ]

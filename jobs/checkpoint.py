@@ -41,25 +41,6 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.resume: no checkpoint folder at {self.resume!r}")
 
 
-@dataclass
-class FaultConfig:
-    max_nonfinite_in_row: int = 3  # abort after this many skipped (non-finite) updates in a row
-    max_recoveries: int = 2        # times a run recreates dead actors and resumes from its latest checkpoint
-    call_timeout_s: float = 1800.0  # a remote call that blocks longer than this fails, naming role and method
-
-    def validate(self) -> None:
-        if self.max_nonfinite_in_row < 1:
-            raise ConfigError(f"faults.max_nonfinite_in_row must be >= 1, got {self.max_nonfinite_in_row}")
-        if self.max_recoveries < 0:
-            raise ConfigError(f"faults.max_recoveries must be >= 0, got {self.max_recoveries}")
-        if not self.call_timeout_s > 0:
-            raise ConfigError(f"faults.call_timeout_s must be > 0, got {self.call_timeout_s}")
-
-
-class NonFiniteAbort(RuntimeError):
-    """Too many non-finite updates in a row; the last good checkpoint is left as it was."""
-
-
 def checkpoints_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -90,14 +71,31 @@ def read_manifest(folder: str | Path) -> dict:
     return json.loads((Path(folder) / MANIFEST).read_text())
 
 
+def training_config_hash(config) -> str:
+    """The config's hash without the sections that may change between an interrupted run and its
+    resumption (checkpointing and fault handling)."""
+    from jobs.config import config_dict, config_hash
+
+    return config_hash({k: v for k, v in config_dict(config).items() if k not in ("checkpoint", "faults")})
+
+
+def check_resume(folder: Path, config) -> dict:
+    """The manifest of the checkpoint to resume from; warns when the training config changed since."""
+    manifest = read_manifest(folder)
+    if manifest.get("config_hash") != training_config_hash(config):
+        print(f"[resume] warning: the config differs from the one {folder} was written with; "
+              "the resumed run is not a continuation of the same experiment")
+    return manifest
+
+
 class CheckpointWriter:
     """Writes ``step_N`` folders for one run: actors save into the temporary folder, then the driver
     state and the manifest, then one rename publishes it; older ones beyond ``keep`` are pruned."""
 
-    def __init__(self, run_dir: str | Path, keep: int, config_hash: str):
+    def __init__(self, run_dir: str | Path, keep: int, config):
         self.root = checkpoints_root(run_dir)
         self.keep = keep
-        self.config_hash = config_hash
+        self.config_hash = training_config_hash(config)
 
     def write(self, step: int, save_actors, driver_state: dict[str, Any]) -> Path:
         """``save_actors(tmp_folder) -> list of sub-folder names`` saves every trainable actor's state."""
@@ -131,3 +129,4 @@ class CheckpointWriter:
 
 def load_driver_state(folder: str | Path) -> dict:
     return torch.load(Path(folder) / DRIVER_STATE, map_location="cpu", weights_only=False)
+

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 
 from actors.batch import collate_pairs
 from actors.dpo_losses import REFERENCE_FREE_VARIANTS, VARIANTS
@@ -22,12 +23,15 @@ from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig
 from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
+from actors.runtime import rng_state, set_rng_state
 from jobs.batching import EncodedPair, TokenizeConfig, encode_pairs
 from jobs.cluster import check_placement, init_ray, role_resources
+from jobs.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
+from jobs.faults import FaultConfig, FaultInjector, NonFiniteGuard, run_with_recovery
 from jobs.metrics import MetricsLogger
-from jobs.sampler import ShuffledBatches, check_step_plan, plan_steps, supervised_steps
+from jobs.sampler import LoopState, ShuffledBatches, check_step_plan, plan_steps, supervised_steps
 from jobs.reference_cache import reference_logps
 
 
@@ -71,8 +75,12 @@ class DPOConfig:
     address: str | None = None     # Ray address; default RAY_ADDRESS or a local cluster
     # Custom node resources per role, pinning it to nodes that offer them, e.g. {policy: {trainer: 1}}
     placement: dict[str, dict[str, float]] = field(default_factory=dict)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> None:
+        self.checkpoint.validate()
+        self.faults.validate()
         self.loss.validate()
         self.optimizer.validate()
         self.tokenize.validate()
@@ -130,7 +138,8 @@ def evaluate(policy, pairs, reference: ReferenceLogps, loss: dict, pad_id: int, 
 
 
 def train(config: DPOConfig) -> dict:
-    """Run DPO end to end; returns the summary written to ``summary.json``."""
+    """Run DPO end to end (resuming and recovering from dead actors as configured); returns the summary
+    written to ``summary.json``."""
     out = run_dir(config)
     save_config(config, out)
     tokenizer = load_tokenizer(config.model)
@@ -140,67 +149,110 @@ def train(config: DPOConfig) -> dict:
     if not train_enc:
         raise ConfigError(f"data.train: no usable pairs in {config.data.train!r} after validation and tokenization")
     print(f"[data] {len(train_enc)} train / {len(eval_enc)} eval pairs; {json.dumps(report)}; tokenize {json.dumps(train_counts)}")
-
+    resume_from = resolve_resume(out, config.checkpoint.resume)
     init_ray(config.address, namespace=f"rayalign-{config.run_name}")
-    pad_id = tokenizer.pad_token_id
+    faults = FaultInjector(config.faults)
+    return run_with_recovery(
+        lambda start, recoveries: _train_attempt(config, tokenizer.pad_token_id, train_enc, eval_enc, start,
+                                                 recoveries, faults),
+        run_dir=out, resume_from=resume_from, max_recoveries=config.faults.max_recoveries)
+
+
+def _train_attempt(config: DPOConfig, pad_id: int, train_enc, eval_enc, resume_from: Path | None,
+                   recoveries: int, faults: FaultInjector) -> dict:
+    out = run_dir(config)
     resources = ActorResources(torch_threads=config.torch_threads)
+    frozen = dataclasses.replace(resources, max_restarts=config.faults.frozen_role_restarts,
+                                 max_task_retries=config.faults.frozen_role_restarts)
     common = {"seed": config.seed, "autocast_bf16": config.autocast_bf16, "micro_batch_size": config.micro_batch_size}
-    policy = ActorGroup(PolicyActor, "policy", resources=role_resources(resources, config.placement, "policy"),
-                        init_kwargs={"model": config.model, "optimizer": dataclasses.asdict(config.optimizer), **common})
-    reference_free = config.loss.variant in REFERENCE_FREE_VARIANTS
-    reference = None
-    if not reference_free:
-        reference = ActorGroup(ReferenceActor, "reference",
-                               resources=role_resources(resources, config.placement, "reference"),
-                               init_kwargs={"model": config.reference_model or config.model, **common})
-    policy.wait_ready()
-
-    ref_model = config.reference_model or config.model
-    if reference is not None:
-        reference.wait_ready()
-    ref_train = ReferenceLogps(reference, ref_model, train_enc, pad_id, config.reference_mode)
-    ref_eval = ReferenceLogps(reference, ref_model, eval_enc, pad_id, config.reference_mode)
-    if reference is not None and config.reference_mode == "precompute":
-        print(f"[reference] log-probs {'loaded from cache' if ref_train.cached else 'computed'} "
-              f"in {ref_train.seconds + ref_eval.seconds:.1f} s")
-        reference.shutdown()  # no longer needed: its memory is free for the policy
+    timeout = config.faults.call_timeout_s
+    groups: dict[str, ActorGroup] = {}
+    try:
+        groups["policy"] = policy = ActorGroup(
+            PolicyActor, "policy", resources=role_resources(resources, config.placement, "policy"), call_timeout_s=timeout,
+            init_kwargs={"model": config.model, "optimizer": dataclasses.asdict(config.optimizer), **common})
         reference = None
+        if config.loss.variant not in REFERENCE_FREE_VARIANTS:
+            groups["reference"] = reference = ActorGroup(
+                ReferenceActor, "reference", resources=role_resources(frozen, config.placement, "reference"),
+                call_timeout_s=timeout, init_kwargs={"model": config.reference_model or config.model, **common})
+        policy.wait_ready()
+        ref_model = config.reference_model or config.model
+        if reference is not None:
+            reference.wait_ready()
+        ref_train = ReferenceLogps(reference, ref_model, train_enc, pad_id, config.reference_mode)
+        ref_eval = ReferenceLogps(reference, ref_model, eval_enc, pad_id, config.reference_mode)
+        if reference is not None and config.reference_mode == "precompute":
+            print(f"[reference] log-probs {'loaded from cache' if ref_train.cached else 'computed'} "
+                  f"in {ref_train.seconds + ref_eval.seconds:.1f} s")
+            groups.pop("reference").shutdown()  # no longer needed: its memory is free for the policy
+            reference = None
 
-    loss = dataclasses.asdict(config.loss)
-    steps_per_epoch, total_steps = plan_steps(len(train_enc), config.batch_size, config.epochs, config.max_steps)
-    logger = MetricsLogger(out)
-    batches = ShuffledBatches(len(train_enc), config.batch_size, config.seed)
-    start_all = time.perf_counter()
+        loss = dataclasses.asdict(config.loss)
+        steps_per_epoch, total_steps = plan_steps(len(train_enc), config.batch_size, config.epochs, config.max_steps)
+        batches = ShuffledBatches(len(train_enc), config.batch_size, config.seed)
+        guard = NonFiniteGuard(config.faults.max_nonfinite_in_row)
+        loop, rows, wall_before = LoopState(), None, 0.0
+        if resume_from is not None:
+            check_resume(resume_from, config)
+            driver = load_driver_state(resume_from)
+            policy.run_one("load_state", str(resume_from / "policy"))
+            batches.load_state_dict(driver["batches"])
+            guard.load_state_dict(driver["guard"])
+            loop, rows, wall_before = LoopState(**driver["loop"]), driver["metrics"], driver["wall_s"]
+            set_rng_state(driver["rng"])
+            print(f"[resume] from {resume_from} at step {loop.step}")
+        logger = MetricsLogger(out, resume_rows=rows)
+        writer = CheckpointWriter(out, config.checkpoint.keep, config)
+        start_all = time.perf_counter()
 
-    def train_step(index: list[int]) -> dict:
-        rc, rr = ref_train(index)
-        return policy.run_one("train_dpo", _batch([train_enc[i] for i in index], pad_id), rc, rr, loss,
-                              config.micro_batch_size)
+        def train_step(index: list[int], step: int) -> dict:
+            faults.maybe_kill(step, groups)
+            rc, rr = ref_train(index)
+            if faults.poison(step):
+                rc = torch.full((len(index),), float("nan")) if rc is None else rc * float("nan")
+            return policy.run_one("train_dpo", _batch([train_enc[i] for i in index], pad_id), rc, rr, loss,
+                                  config.micro_batch_size)
 
-    tokens_trained, last_eval = supervised_steps(
-        desc=f"dpo[{config.loss.variant}]", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        batches=batches, train_step=train_step,
-        evaluate=(lambda: evaluate(policy, eval_enc, ref_eval, loss, pad_id, config.micro_batch_size))
-        if eval_enc else None, eval_every=config.eval_every, logger=logger,
-        postfix={"loss": ("loss", ".4f"), "acc": ("rewards/accuracies", ".2f"), "margin": ("rewards/margins", ".3f"),
-                 "tok_s": ("perf/tokens_per_s", ".0f")})
-    logger.close()
-    checkpoint = out / "checkpoint"
-    policy.run_one("save", str(checkpoint))
-    save_config(config, checkpoint)
-    policy.shutdown()
-    reference_checksum = None
-    if reference is not None:
-        reference_checksum = reference.run_one("weights_checksum")
-        reference.shutdown()
+        def after_step(state: LoopState) -> None:
+            every = config.checkpoint.every
+            due = (every and state.step % every == 0) or state.step == total_steps
+            if due and not guard.in_row:  # never checkpoint in the middle of a run of skipped updates
+                driver_state = {"loop": dataclasses.asdict(state), "batches": batches.state_dict(),
+                                "guard": guard.state_dict(), "metrics": logger.rows, "rng": rng_state(),
+                                "wall_s": wall_before + time.perf_counter() - start_all}
+                writer.write(state.step, lambda tmp: [_save_part(policy, tmp, "policy")], driver_state)
+
+        loop = supervised_steps(
+            desc=f"dpo[{config.loss.variant}]", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+            batches=batches, train_step=train_step,
+            evaluate=(lambda: evaluate(policy, eval_enc, ref_eval, loss, pad_id, config.micro_batch_size))
+            if eval_enc else None, eval_every=config.eval_every, logger=logger, state=loop, after_step=after_step,
+            guard=guard,
+            postfix={"loss": ("loss", ".4f"), "acc": ("rewards/accuracies", ".2f"), "margin": ("rewards/margins", ".3f"),
+                     "tok_s": ("perf/tokens_per_s", ".0f")})
+        logger.close()
+        checkpoint = out / "checkpoint"
+        policy.run_one("save", str(checkpoint))
+        save_config(config, checkpoint)
+        reference_checksum = reference.run_one("weights_checksum") if reference is not None else None
+    finally:
+        for group in groups.values():
+            group.shutdown()
     summary = {"steps": total_steps, "train_pairs": len(train_enc), "eval_pairs": len(eval_enc),
-               "tokens_trained": tokens_trained, "wall_s": time.perf_counter() - start_all,
+               "tokens_trained": loop.tokens, "wall_s": wall_before + time.perf_counter() - start_all,
                "reference_s": ref_train.seconds + ref_eval.seconds, "reference_checksum_end": reference_checksum,
-               "checkpoint": str(checkpoint),
-               "final": {k: v for k, v in logger.rows[-1].items()} if logger.rows else {}, **last_eval}
+               "checkpoint": str(checkpoint), "resumed_from": str(resume_from) if resume_from else None,
+               "recoveries": recoveries, "faults_injected": faults.killed, "nonfinite_skipped_steps": guard.skipped_steps,
+               "final": {k: v for k, v in logger.rows[-1].items()} if logger.rows else {}, **loop.last_eval}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"[done] {total_steps} steps; checkpoint {checkpoint}; metrics {logger.jsonl_path}")
     return summary
+
+
+def _save_part(group: ActorGroup, folder: Path, name: str) -> str:
+    group.run_one("save_state", str(folder / name))
+    return name
 
 
 def main(argv=None) -> int:

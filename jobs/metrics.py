@@ -24,18 +24,24 @@ TAG_KEYS = ("run", "job_name")
 
 class MetricsLogger:
     def __init__(self, folder: str | Path, tensorboard: bool = True, *, run: str | None = None,
-                 job_name: str | None = None, export_to_ray: bool = True):
+                 job_name: str | None = None, export_to_ray: bool = True, resume_rows: list[dict] | None = None):
+        """A fresh run starts a new metrics file; a resumed one (``resume_rows``: the rows a checkpoint
+        kept) rewrites the file with exactly those rows, dropping rows logged after that checkpoint."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.folder / "metrics.jsonl"
         self.csv_path = self.folder / "metrics.csv"
-        self.rows: list[dict] = []
-        self._file = self.jsonl_path.open("a")
+        self.rows: list[dict] = [dict(r) for r in resume_rows or []]
+        self._file = self.jsonl_path.open("w")
+        for row in self.rows:
+            self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.folder / "tensorboard"))
+            purge = self.rows[-1]["step"] + 1 if self.rows else None  # resumed: hide events past the checkpoint
+            self._tb = SummaryWriter(str(self.folder / "tensorboard"), purge_step=purge)
         self._tags = {"run": run or self.folder.name, "job_name": job_name or driver_name()}
         self._export_to_ray = export_to_ray
         self._ray: RayGaugeExporter | None = None

@@ -32,10 +32,13 @@ from actors.ppo_math import (AdaptiveKLController, FixedKLController, gae_advant
                              kl_penalized_rewards, masked_mean, masked_whiten)
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
+from actors.runtime import rng_state, set_rng_state
 from jobs.batching import TokenizeConfig, encode_prompt
 from jobs.cluster import check_placement, init_ray, role_resources
-from jobs.config import ConfigError, check_model, run_cli, save_config
+from jobs.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
+from jobs.config import ConfigError, check_model, check_scorer, run_cli, save_config
 from jobs.data_source import DataConfig, load_prompt_splits
+from jobs.faults import FaultConfig, FaultInjector, NonFiniteGuard, run_with_recovery
 from jobs.metrics import MetricsLogger
 from jobs.sampler import ShuffledBatches
 from jobs.stats import bootstrap_ci
@@ -106,8 +109,12 @@ class PPOConfig:
     address: str | None = None
     # Custom node resources per role, pinning it to nodes that offer them, e.g. {policy: {trainer: 1}}
     placement: dict[str, dict[str, float]] = field(default_factory=dict)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> None:
+        self.checkpoint.validate()
+        self.faults.validate()
         self.data.validate()
         self.tokenize.validate()
         self.rollout.validate("rollout")
@@ -147,6 +154,9 @@ class PPOConfig:
         for key in ("model", "reference_model", "critic_model"):
             check_model(key, getattr(self, key))
         check_model("reward.model", self.reward.model)
+        if self.reward.kind == "gold":
+            check_scorer("reward.scorer", self.reward.scorer)
+        check_scorer("eval_scorer", self.eval_scorer)
         check_placement(self.placement, ("policy", "reference", "reward", "critic", "generator", "judge"))
 
 
@@ -159,17 +169,25 @@ class Fleet:
     generators: ActorGroup
     judge: ActorGroup | None
 
+    def groups(self) -> dict[str, ActorGroup]:
+        found = {"policy": self.policy, "reference": self.reference, "reward": self.reward, "critic": self.critic,
+                 "generator": self.generators, "judge": self.judge}
+        return {role: group for role, group in found.items() if group is not None}
+
     def shutdown(self) -> None:
-        for group in (self.policy, self.reference, self.reward, self.critic, self.generators, self.judge):
-            if group is not None:
-                group.shutdown()
+        for group in self.groups().values():
+            group.shutdown()
 
 
 def build_fleet(config: PPOConfig) -> Fleet:
     resources = ActorResources(torch_threads=config.torch_threads)
 
+    # Frozen roles hold nothing a checkpoint must restore: Ray restarts them and retries their calls.
+    frozen = dataclasses.replace(resources, max_restarts=config.faults.frozen_role_restarts,
+                                 max_task_retries=config.faults.frozen_role_restarts)
+
     def place(role: str) -> ActorResources:
-        return role_resources(resources, config.placement, role)
+        return role_resources(frozen if role in ("reference", "reward") else resources, config.placement, role)
 
     common = {"seed": config.seed}
     reward_kwargs = ({"kind": "gold", "scorer": config.reward.scorer, "tokenizer": config.model}
@@ -190,13 +208,14 @@ def build_fleet(config: PPOConfig) -> Fleet:
                                   "model": config.model, "backend": config.generation_backend,
                                   "backend_options": config.generation_options, **common}),
         judge=(ActorGroup(RewardModelActor, "judge",
-                          resources=role_resources(ActorResources(num_cpus=0.5, torch_threads=1), config.placement, "judge"),
+                          resources=role_resources(dataclasses.replace(frozen, num_cpus=0.5, torch_threads=1), config.placement,
+                                                   "judge"),
                           init_kwargs={"kind": "gold", "scorer": config.eval_scorer, "tokenizer": config.model})
                if config.eval_scorer else None),
     )
-    for group in (fleet.policy, fleet.reference, fleet.reward, fleet.critic, fleet.generators, fleet.judge):
-        if group is not None:
-            group.wait_ready()
+    for group in fleet.groups().values():
+        group.call_timeout_s = config.faults.call_timeout_s
+        group.wait_ready()
     return fleet
 
 
@@ -241,6 +260,8 @@ def evaluate(fleet: Fleet, prompts: list[list[int]], config: PPOConfig, pad_id: 
 
 
 def train(config: PPOConfig) -> dict:
+    """Run PPO end to end (resuming and recovering from dead actors as configured); returns the summary
+    written to ``summary.json``."""
     out = Path(config.output_dir) / config.run_name
     save_config(config, out)
     tokenizer = load_tokenizer(config.model)
@@ -252,115 +273,177 @@ def train(config: PPOConfig) -> dict:
     if not train_ids:
         raise ConfigError(f"data.train: no prompts in {config.data.train!r}")
     print(f"[data] {len(train_ids)} train / {len(eval_ids)} eval prompts; {json.dumps(report)}")
-
+    resume_from = resolve_resume(out, config.checkpoint.resume)
     init_ray(config.address, namespace=f"rayalign-{config.run_name}")
+    faults = FaultInjector(config.faults)
+    return run_with_recovery(
+        lambda start, recoveries: _train_attempt(config, pad_id, train_ids, eval_ids, start, recoveries, faults),
+        run_dir=out, resume_from=resume_from, max_recoveries=config.faults.max_recoveries)
+
+
+def save_checkpoint(writer: CheckpointWriter, fleet: Fleet, step: int, driver_state: dict) -> Path:
+    """Policy and critic states in parallel, then the driver's state and the manifest (atomically)."""
+
+    def save_actors(folder: Path) -> list[str]:
+        refs = [fleet.policy.call_all("save_state", str(folder / "policy"))[0],
+                fleet.critic.call_all("save_state", str(folder / "critic"))[0]]
+        fleet.policy.get(refs, "save_state")
+        return ["policy", "critic"]
+
+    return writer.write(step, save_actors, driver_state)
+
+
+def restore_checkpoint(fleet: Fleet, folder: Path, step: int) -> None:
+    """Policy and critic back to the checkpoint, and the generators given the restored policy's weights."""
+    refs = [fleet.policy.call_all("load_state", str(folder / "policy"))[0],
+            fleet.critic.call_all("load_state", str(folder / "critic"))[0]]
+    fleet.policy.get(refs, "load_state")
+    fleet.generators.run_all("update_weights", fleet.policy.call_all("named_weights")[0], step)
+
+
+def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_from: Path | None, recoveries: int,
+                   faults: FaultInjector) -> dict:
+    out = Path(config.output_dir) / config.run_name
     fleet = build_fleet(config)
-    hp = config.ppo
-    ppo_args = {**dataclasses.asdict(hp), "seed": config.seed,
-                "kl_in_loss_coef": config.kl.coef if config.kl.in_loss else 0.0}
-    kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
-              else FixedKLController(config.kl.coef))
-    logger = MetricsLogger(out)
-    prompt_batches = ShuffledBatches(len(train_ids), config.prompts_per_step, config.seed)
-    start_all = time.perf_counter()
-    totals = {"tokens_generated": 0, "tokens_trained": 0}
-    first_eval = evaluate(fleet, eval_ids, config, pad_id)
-    logger.log(0, first_eval)
-    print(f"[eval] step 0: {json.dumps({k: round(v, 4) for k, v in first_eval.items()})}")
-    last_eval = first_eval
-    bar = tqdm(range(1, config.steps + 1), desc="ppo", unit="step", dynamic_ncols=True)
-    for step in bar:
-        t_step = time.perf_counter()
-        index = prompt_batches.next()
-        timing: dict[str, float] = {}
+    try:
+        hp = config.ppo
+        ppo_args = {**dataclasses.asdict(hp), "seed": config.seed,
+                    "kl_in_loss_coef": config.kl.coef if config.kl.in_loss else 0.0}
+        kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
+                  else FixedKLController(config.kl.coef))
+        prompt_batches = ShuffledBatches(len(train_ids), config.prompts_per_step, config.seed)
+        guard = NonFiniteGuard(config.faults.max_nonfinite_in_row)
+        writer = CheckpointWriter(out, config.checkpoint.keep, config)
+        state = {"step": 0, "tokens_generated": 0, "tokens_trained": 0, "first_eval": {}, "last_eval": {}}
+        rows, wall_before = None, 0.0
+        if resume_from is not None:
+            check_resume(resume_from, config)
+            driver = load_driver_state(resume_from)
+            state, rows, wall_before = driver["state"], driver["metrics"], driver["wall_s"]
+            restore_checkpoint(fleet, resume_from, state["step"])
+            prompt_batches.load_state_dict(driver["batches"])
+            kl_ctl.load_state_dict(driver["kl"])
+            guard.load_state_dict(driver["guard"])
+            set_rng_state(driver["rng"])
+            print(f"[resume] from {resume_from} at step {state['step']}")
+        logger = MetricsLogger(out, resume_rows=rows)
+        start_all = time.perf_counter()
+        if resume_from is None:
+            state["first_eval"] = state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
+            logger.log(0, state["first_eval"])
+            print(f"[eval] step 0: {json.dumps({k: round(v, 4) for k, v in state['first_eval'].items()})}")
+        bar = tqdm(range(state["step"] + 1, config.steps + 1), desc="ppo", unit="step", dynamic_ncols=True,
+                   initial=state["step"], total=config.steps)
+        for step in bar:
+            t_step = time.perf_counter()
+            index = prompt_batches.next()
+            timing: dict[str, float] = {}
+            faults.maybe_kill(step, fleet.groups())
 
-        t0 = time.perf_counter()
-        sampling = dataclasses.replace(config.rollout, seed=config.seed * 100_003 + step)
-        rollout = make_rollout(generate_sharded(fleet.generators, [train_ids[i] for i in index], sampling), pad_id)
-        timing["generate"] = time.perf_counter() - t0
-        mask = rollout.mask
-        prompt_ids = [c.prompt_ids for c in rollout.completions]
-        response_ids = [c.response_ids for c in rollout.completions]
+            t0 = time.perf_counter()
+            sampling = dataclasses.replace(config.rollout, seed=config.seed * 100_003 + step)
+            rollout = make_rollout(generate_sharded(fleet.generators, [train_ids[i] for i in index], sampling), pad_id)
+            timing["generate"] = time.perf_counter() - t0
+            mask = rollout.mask
+            prompt_ids = [c.prompt_ids for c in rollout.completions]
+            response_ids = [c.response_ids for c in rollout.completions]
 
-        # The four scoring passes run on four actors at once.
-        t0 = time.perf_counter()
-        refs = {"policy": fleet.policy.call_all("logprobs", rollout.batch)[0],
-                "reference": fleet.reference.call_all("logprobs", rollout.batch)[0],
-                "reward": fleet.reward.call_all("score", prompt_ids, response_ids)[0],
-                "critic": fleet.critic.call_all("values", rollout.batch)[0]}
-        results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
-        timing["score"] = time.perf_counter() - t0  # wall time of the four concurrent passes
-        old_logprobs = results["policy"]["token_logps"]
-        ref_logprobs = results["reference"]["token_logps"]
-        values = results["critic"]["values"]
-        scores = results["reward"]["scores"].clone()
-        timing.update({"ref": float(results["reference"]["seconds"]), "reward": float(results["reward"]["seconds"]),
-                       "values": float(results["critic"]["seconds"]), "old_logprobs": float(results["policy"]["seconds"])})
+            # The four scoring passes run on four actors at once.
+            t0 = time.perf_counter()
+            refs = {"policy": fleet.policy.call_all("logprobs", rollout.batch)[0],
+                    "reference": fleet.reference.call_all("logprobs", rollout.batch)[0],
+                    "reward": fleet.reward.call_all("score", prompt_ids, response_ids)[0],
+                    "critic": fleet.critic.call_all("values", rollout.batch)[0]}
+            results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
+            timing["score"] = time.perf_counter() - t0  # wall time of the four concurrent passes
+            old_logprobs = results["policy"]["token_logps"]
+            ref_logprobs = results["reference"]["token_logps"]
+            values = results["critic"]["values"]
+            scores = results["reward"]["scores"].clone()
+            timing.update({"ref": float(results["reference"]["seconds"]), "reward": float(results["reward"]["seconds"]),
+                           "values": float(results["critic"]["seconds"]), "old_logprobs": float(results["policy"]["seconds"])})
 
-        t0 = time.perf_counter()
-        raw_scores = scores.clone()
-        no_eos = torch.tensor([c.finish_reason != "stop" for c in rollout.completions])
-        if config.reward.missing_eos_penalty is not None:
-            scores = scores - config.reward.missing_eos_penalty * no_eos.float()
-        kl_coef_now = 0.0 if config.kl.in_loss else kl_ctl.value
-        token_rewards, token_kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef_now,
-                                                       config.kl.estimator, config.reward.clip)
-        if hp.whiten_rewards:
-            token_rewards = masked_whiten(token_rewards, mask, shift_mean=False)
-        advantages, returns = gae_advantages(token_rewards, values, mask, hp.gamma, hp.lam)
-        if hp.whiten_advantages:
-            advantages = masked_whiten(advantages, mask) * mask
-        seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
-        timing["advantages"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            raw_scores = scores.clone()
+            no_eos = torch.tensor([c.finish_reason != "stop" for c in rollout.completions])
+            if config.reward.missing_eos_penalty is not None:
+                scores = scores - config.reward.missing_eos_penalty * no_eos.float()
+            kl_coef_now = 0.0 if config.kl.in_loss else kl_ctl.value
+            token_rewards, token_kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef_now,
+                                                           config.kl.estimator, config.reward.clip)
+            if hp.whiten_rewards:
+                token_rewards = masked_whiten(token_rewards, mask, shift_mean=False)
+            advantages, returns = gae_advantages(token_rewards, values, mask, hp.gamma, hp.lam)
+            if hp.whiten_advantages:
+                advantages = masked_whiten(advantages, mask) * mask
+            if faults.poison(step):
+                advantages = advantages * float("nan")
+            seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
+            timing["advantages"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        actor_ref = fleet.policy.call_all("train_ppo", rollout.batch, old_logprobs, advantages, ppo_args,
-                                          ref_logprobs if config.kl.in_loss else None)[0]
-        critic_ref = fleet.critic.call_all("train_value", rollout.batch, values, returns, ppo_args)[0]
-        actor_metrics, critic_metrics = fleet.policy.get([actor_ref, critic_ref], "train")
-        timing["update"] = time.perf_counter() - t0  # wall time; policy and critic train concurrently
-        timing["update_actor"] = actor_metrics["timing_s/total"]
-        timing["update_critic"] = critic_metrics["critic/timing_s/total"]
+            t0 = time.perf_counter()
+            actor_ref = fleet.policy.call_all("train_ppo", rollout.batch, old_logprobs, advantages, ppo_args,
+                                              ref_logprobs if config.kl.in_loss else None)[0]
+            critic_ref = fleet.critic.call_all("train_value", rollout.batch, values, returns, ppo_args)[0]
+            actor_metrics, critic_metrics = fleet.policy.get([actor_ref, critic_ref], "train")
+            timing["update"] = time.perf_counter() - t0  # wall time; policy and critic train concurrently
+            timing["update_actor"] = actor_metrics["timing_s/total"]
+            timing["update_critic"] = critic_metrics["critic/timing_s/total"]
 
-        t0 = time.perf_counter()
-        # The weights go policy -> object store -> generators without a stop in the driver.
-        weights = fleet.policy.call_all("named_weights")[0]
-        fleet.generators.run_all("update_weights", weights, step)
-        timing["sync_weights"] = time.perf_counter() - t0
-        kl_ctl.update(float(seq_kl.mean()), config.prompts_per_step * config.rollout.n)
-        timing["step"] = time.perf_counter() - t_step
+            t0 = time.perf_counter()
+            # The weights go policy -> object store -> generators without a stop in the driver.
+            weights = fleet.policy.call_all("named_weights")[0]
+            fleet.generators.run_all("update_weights", weights, step)
+            timing["sync_weights"] = time.perf_counter() - t0
+            kl_ctl.update(float(seq_kl.mean()), config.prompts_per_step * config.rollout.n)
+            timing["step"] = time.perf_counter() - t_step
 
-        generated = int(mask.sum())
-        totals["tokens_generated"] += generated
-        totals["tokens_trained"] += int(actor_metrics["tokens"])
-        metrics = {
-            **{k: v for k, v in actor_metrics.items() if k.startswith("actor/")},
-            **{k: v for k, v in critic_metrics.items() if k in ("critic/vf_loss", "critic/vf_clipfrac", "critic/vf_explained_var")},
-            "actor/grad_norm": actor_metrics["grad_norm"], "actor/lr": actor_metrics["lr"],
-            "reward/score_mean": float(raw_scores.mean()), "reward/score_std": float(raw_scores.std()),
-            "reward/penalized_score_mean": float(scores.mean()),
-            "reward/kl_penalty": float(-(kl_coef_now * token_kl * mask).sum(-1).mean()),
-            "reward/no_eos_fraction": float(no_eos.float().mean()),
-            "objective/kl": float(seq_kl.mean()), "objective/kl_coef": kl_ctl.value,
-            "objective/entropy": float(-(old_logprobs * mask).sum(-1).mean()),
-            "rollout/logprob_diff": float(masked_mean((rollout.generator_logprobs - old_logprobs).abs(), mask)),
-            "response_length/mean": float(mask.sum(-1).mean()),
-            "perf/tokens_per_s": generated / timing["step"],
-            **{f"timing_s/{k}": v for k, v in timing.items()},
-        }
-        if eval_ids and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
-            last_eval = evaluate(fleet, eval_ids, config, pad_id)
-            metrics.update(last_eval)
-        logger.log(step, metrics)
-        bar.set_postfix(score=f"{metrics['reward/score_mean']:+.3f}", kl=f"{metrics['objective/kl']:.2f}",
-                        len=f"{metrics['response_length/mean']:.0f}", s=f"{timing['step']:.1f}")
-    logger.close()
-    checkpoint = out / "checkpoint"
-    fleet.policy.run_one("save", str(checkpoint))
-    save_config(config, checkpoint)
-    fleet.shutdown()
-    summary = {"steps": config.steps, "wall_s": time.perf_counter() - start_all, "checkpoint": str(checkpoint),
-               **totals, "start": first_eval, "end": last_eval, "kl_coef_final": kl_ctl.value}
+            generated = int(mask.sum())
+            state["tokens_generated"] += generated
+            state["tokens_trained"] += int(actor_metrics["tokens"])
+            metrics = {
+                **{k: v for k, v in actor_metrics.items() if k.startswith("actor/")},
+                **{k: v for k, v in critic_metrics.items() if k in ("critic/vf_loss", "critic/vf_clipfrac", "critic/vf_explained_var")},
+                "actor/grad_norm": actor_metrics["grad_norm"], "actor/lr": actor_metrics["lr"],
+                "reward/score_mean": float(raw_scores.mean()), "reward/score_std": float(raw_scores.std()),
+                "reward/penalized_score_mean": float(scores.mean()),
+                "reward/kl_penalty": float(-(kl_coef_now * token_kl * mask).sum(-1).mean()),
+                "reward/no_eos_fraction": float(no_eos.float().mean()),
+                "objective/kl": float(seq_kl.mean()), "objective/kl_coef": kl_ctl.value,
+                "objective/entropy": float(-(old_logprobs * mask).sum(-1).mean()),
+                "rollout/logprob_diff": float(masked_mean((rollout.generator_logprobs - old_logprobs).abs(), mask)),
+                "response_length/mean": float(mask.sum(-1).mean()),
+                "perf/tokens_per_s": generated / timing["step"],
+                **{f"timing_s/{k}": v for k, v in timing.items()},
+            }
+            metrics["skipped_nonfinite"] = max(actor_metrics["skipped_nonfinite"], critic_metrics["critic/skipped_nonfinite"])
+            guard.observe(step, index, metrics)
+            if eval_ids and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+                state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
+                metrics.update(state["last_eval"])
+            logger.log(step, metrics)
+            state["step"] = step
+            every = config.checkpoint.every
+            due = (every and step % every == 0) or step == config.steps
+            if due and not guard.in_row:  # never checkpoint in the middle of a run of skipped updates
+                save_checkpoint(writer, fleet, step, {
+                    "state": state, "batches": prompt_batches.state_dict(), "kl": kl_ctl.state_dict(),
+                    "guard": guard.state_dict(), "metrics": logger.rows, "rng": rng_state(),
+                    "wall_s": wall_before + time.perf_counter() - start_all})
+            bar.set_postfix(score=f"{metrics['reward/score_mean']:+.3f}", kl=f"{metrics['objective/kl']:.2f}",
+                            len=f"{metrics['response_length/mean']:.0f}", s=f"{timing['step']:.1f}")
+        logger.close()
+        checkpoint = out / "checkpoint"
+        fleet.policy.run_one("save", str(checkpoint))
+        save_config(config, checkpoint)
+    finally:
+        fleet.shutdown()
+    first_eval, last_eval = state["first_eval"], state["last_eval"]
+    summary = {"steps": config.steps, "wall_s": wall_before + time.perf_counter() - start_all,
+               "checkpoint": str(checkpoint), "tokens_generated": state["tokens_generated"],
+               "tokens_trained": state["tokens_trained"], "start": first_eval, "end": last_eval,
+               "kl_coef_final": kl_ctl.value, "resumed_from": str(resume_from) if resume_from else None,
+               "recoveries": recoveries, "faults_injected": faults.killed, "nonfinite_skipped_steps": guard.skipped_steps}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"[eval] start {json.dumps(first_eval)}\n[eval] end   {json.dumps(last_eval)}")
     print(f"[done] {config.steps} steps; checkpoint {checkpoint}")

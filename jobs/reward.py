@@ -27,6 +27,7 @@ from jobs.batching import EncodedPair, TokenizeConfig, encode_pairs
 from jobs.cluster import init_ray
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
+from jobs.faults import NonFiniteGuard
 from jobs.metrics import MetricsLogger
 from jobs.sampler import ShuffledBatches, check_step_plan, plan_steps, supervised_steps
 
@@ -129,13 +130,13 @@ def train(config: RewardTrainConfig) -> dict:
     logger.log(0, first_eval)
     batches = ShuffledBatches(len(train_enc), config.batch_size, config.seed)
     start_all = time.perf_counter()
-    tokens_trained, last_eval = supervised_steps(
+    loop = supervised_steps(
         desc="reward", total_steps=total_steps, steps_per_epoch=steps_per_epoch, batches=batches,
-        train_step=lambda index: reward.run_one("train_rm", _batch([train_enc[i] for i in index], pad_id),
+        train_step=lambda index, _step: reward.run_one("train_rm", _batch([train_enc[i] for i in index], pad_id),
                                                 config.margin, config.micro_batch_size),
         evaluate=(lambda: evaluate(reward, eval_enc, pad_id, config.micro_batch_size)) if eval_enc else None,
-        eval_every=config.eval_every, logger=logger, postfix={"loss": ("loss", ".4f"), "acc": ("accuracy", ".2f")})
-    last_eval = last_eval or first_eval
+        eval_every=config.eval_every, logger=logger, guard=NonFiniteGuard(), postfix={"loss": ("loss", ".4f"), "acc": ("accuracy", ".2f")})
+    tokens_trained, last_eval = loop.tokens, loop.last_eval or first_eval
     logger.close()
 
     normalization = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +24,19 @@ class ShuffledBatches:
             self.pending.extend(self.rng.permutation(self.size).tolist())
         batch, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
         return batch
+
+    def state_dict(self) -> dict:
+        """The position in the data: the generator's state and the rest of the current pass."""
+        return {"size": self.size, "batch_size": self.batch_size, "rng": self.rng.bit_generator.state,
+                "pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["size"], state["batch_size"]) != (self.size, self.batch_size):
+            raise ValueError(f"checkpointed data position is for {state['size']} rows in batches of "
+                             f"{state['batch_size']}, this run has {self.size} rows in batches of {self.batch_size} "
+                             "(the data or batch size changed since the checkpoint)")
+        self.rng.bit_generator.state = state["rng"]
+        self.pending = list(state["pending"])
 
 
 def check_step_plan(config) -> None:
@@ -48,28 +62,48 @@ def plan_steps(rows: int, batch_size: int, epochs: int, max_steps: int | None) -
     return per_epoch, total
 
 
+@dataclass
+class LoopState:
+    """What a step loop carries from one step to the next, and what a checkpoint must restore."""
+
+    step: int = 0                  # the last completed step
+    tokens: int = 0
+    last_eval: dict = field(default_factory=dict)
+
+
 def supervised_steps(*, desc: str, total_steps: int, steps_per_epoch: int, batches: ShuffledBatches,
-                     train_step, evaluate, eval_every: int, logger, postfix: dict[str, str]) -> tuple[int, dict]:
+                     train_step, evaluate, eval_every: int, logger, postfix: dict[str, str],
+                     state: LoopState | None = None, after_step=None, guard=None) -> LoopState:
     """The step loop SFT, reward-model training and DPO share: draw a batch, take one optimizer step on
-    the actor (``train_step(indices) -> metrics`` with ``tokens``), time it, evaluate every
+    the actor (``train_step(indices, step) -> metrics`` with ``tokens``), time it, evaluate every
     ``eval_every`` steps and at the end (``evaluate() -> metrics``, or None), log, show progress.
 
-    Returns (tokens trained on, the last evaluation's metrics).
+    ``state`` continues a resumed run after its last completed step; ``guard`` (a
+    ``jobs.checkpoint.NonFiniteGuard``) sees each step's metrics before anything is logged or saved
+    and aborts after too many skipped updates in a row; ``after_step(state)`` runs after each logged
+    step (the driver's checkpoint hook). Returns the final state.
     """
     from tqdm import tqdm
 
-    tokens, last_eval = 0, {}
-    bar = tqdm(range(1, total_steps + 1), desc=desc, unit="step", dynamic_ncols=True)
+    state = state or LoopState()
+    bar = tqdm(range(state.step + 1, total_steps + 1), desc=desc, unit="step", dynamic_ncols=True,
+               initial=state.step, total=total_steps)
     for step in bar:
         start = time.perf_counter()
-        metrics = train_step(batches.next())
+        index = batches.next()
+        metrics = train_step(index, step)
         seconds = time.perf_counter() - start
-        tokens += int(metrics["tokens"])
+        if guard is not None:
+            guard.observe(step, index, metrics)
+        state.tokens += int(metrics["tokens"])
         metrics.update({"timing_s/step": seconds, "perf/tokens_per_s": metrics["tokens"] / seconds,
                         "epoch": step / steps_per_epoch})
         if evaluate is not None and ((eval_every and step % eval_every == 0) or step == total_steps):
-            last_eval = evaluate()
-            metrics.update(last_eval)
+            state.last_eval = evaluate()
+            metrics.update(state.last_eval)
         logger.log(step, metrics)
+        state.step = step
+        if after_step is not None:
+            after_step(state)
         bar.set_postfix({name: format(metrics[key], spec) for name, (key, spec) in postfix.items()})
-    return tokens, last_eval
+    return state

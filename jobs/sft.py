@@ -27,6 +27,7 @@ from jobs.batching import TokenizeConfig, encode_prompt, encode_response, fit_le
 from jobs.cluster import init_ray
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits, load_prompt_splits
+from jobs.faults import NonFiniteGuard
 from jobs.metrics import MetricsLogger
 from jobs.sampler import ShuffledBatches, check_step_plan, plan_steps, supervised_steps
 
@@ -131,14 +132,14 @@ def train(config: SFTConfig) -> dict:
     logger.log(0, first_eval)
     batches = ShuffledBatches(len(train_demos), config.batch_size, config.seed)
     start_all = time.perf_counter()
-    tokens_trained, last_eval = supervised_steps(
+    loop = supervised_steps(
         desc=f"sft[{config.target}]", total_steps=total_steps, steps_per_epoch=steps_per_epoch, batches=batches,
-        train_step=lambda index: policy.run_one("train_sft", _batch([train_demos[i] for i in index], pad_id),
+        train_step=lambda index, _step: policy.run_one("train_sft", _batch([train_demos[i] for i in index], pad_id),
                                                 config.micro_batch_size),
         evaluate=(lambda: evaluate(policy, eval_demos, pad_id, config.micro_batch_size)) if eval_demos else None,
-        eval_every=config.eval_every, logger=logger,
+        eval_every=config.eval_every, logger=logger, guard=NonFiniteGuard(),
         postfix={"loss": ("loss", ".4f"), "tok_s": ("perf/tokens_per_s", ".0f")})
-    last_eval = last_eval or first_eval
+    tokens_trained, last_eval = loop.tokens, loop.last_eval or first_eval
     logger.close()
     checkpoint = out / "checkpoint"
     policy.run_one("save", str(checkpoint))
