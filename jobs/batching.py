@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from jobs.config import ConfigError
+
 Text = str | list[dict]
 
 
@@ -22,18 +24,18 @@ class TokenizeConfig:
 
     def validate(self, prefix: str = "tokenize") -> None:
         if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(f"{prefix}: need 0 < max_prompt_length < max_length, got "
-                             f"{self.max_prompt_length} and {self.max_length}")
+            raise ConfigError(f"{prefix}.max_prompt_length must be > 0 and < {prefix}.max_length, got "
+                              f"{self.max_prompt_length} and {self.max_length}")
         if self.truncation_side not in ("keep_end", "keep_start"):
-            raise ValueError(f"{prefix}.truncation_side must be keep_end or keep_start, got {self.truncation_side!r}")
+            raise ConfigError(f"{prefix}.truncation_side must be keep_end or keep_start, got {self.truncation_side!r}")
         if self.chat_template not in ("auto", "always", "never"):
-            raise ValueError(f"{prefix}.chat_template must be auto, always or never, got {self.chat_template!r}")
+            raise ConfigError(f"{prefix}.chat_template must be auto, always or never, got {self.chat_template!r}")
         if self.on_overlong not in ("truncate", "skip", "error"):
-            raise ValueError(f"{prefix}.on_overlong must be truncate, skip or error, got {self.on_overlong!r}")
+            raise ConfigError(f"{prefix}.on_overlong must be truncate, skip or error, got {self.on_overlong!r}")
 
 
 class OverlongError(ValueError):
-    pass
+    """A row longer than ``tokenize.max_length`` under ``tokenize.on_overlong=error``; names the row."""
 
 
 def _use_template(tokenizer, prompt: Text, mode: str) -> bool:
@@ -66,17 +68,21 @@ def encode_response(tokenizer, response: Text) -> list[int]:
 
 
 def fit_lengths(prompt: list[int], responses: Sequence[list[int]], config: TokenizeConfig,
-                where: str = "") -> tuple[list[int], list[list[int]]] | None:
+                where: str = "", names: Sequence[str] | None = None) -> tuple[list[int], list[list[int]]] | None:
     """Apply the DPO reference implementation's rule: shorten the prompt first, then the responses.
 
-    Returns None for a row to skip (on_overlong='skip'); raises OverlongError for 'error'.
+    Returns None for a row to skip (on_overlong='skip'); raises OverlongError for 'error', naming
+    ``where`` (the record's "file: row N") and the longest response's field (``names``).
     """
-    longest = max(len(r) for r in responses)
-    if len(prompt) + longest <= config.max_length:
+    longest = max(range(len(responses)), key=lambda i: len(responses[i]))
+    total = len(prompt) + len(responses[longest])
+    if total <= config.max_length:
         return prompt, list(responses)
     if config.on_overlong == "error":
-        raise OverlongError(f"{where}: prompt+response has {len(prompt) + longest} tokens, more than "
-                            f"tokenize.max_length={config.max_length}")
+        field = f"field '{names[longest]}'" if names else "field 'response'"
+        raise OverlongError(f"{where or 'row'}, {field}: prompt + response is {total} tokens, more than "
+                            f"tokenize.max_length={config.max_length} (tokenize.on_overlong=truncate or skip "
+                            f"would keep going)")
     if config.on_overlong == "skip":
         return None
     if len(prompt) > config.max_prompt_length:
@@ -101,7 +107,7 @@ def encode_pairs(tokenizer, pairs, config: TokenizeConfig) -> tuple[list[Encoded
         where = getattr(pair, "source", "") or "pair"
         prompt = encode_prompt(tokenizer, pair.prompt, config)
         chosen, rejected = encode_response(tokenizer, pair.chosen), encode_response(tokenizer, pair.rejected)
-        fitted = fit_lengths(prompt, [chosen, rejected], config, where)
+        fitted = fit_lengths(prompt, [chosen, rejected], config, where, ("chosen", "rejected"))
         if fitted is None:
             counts["skipped_overlong"] += 1
             continue

@@ -33,7 +33,7 @@ from actors.models import load_tokenizer
 from actors.reward import RewardModelActor
 from jobs.batching import TokenizeConfig, encode_prompt
 from jobs.cluster import init_ray
-from jobs.config import ConfigError, check_model, run_cli, save_config
+from jobs.config import ConfigError, check_model, check_scorer, run_cli, save_config
 from jobs.data_source import DataConfig, load_prompt_splits
 from jobs.metrics import MetricsLogger
 from jobs.stats import bootstrap_ci
@@ -102,6 +102,9 @@ class BestOfNConfig:
             raise ConfigError("gold_scorer is required")
         check_model("model", self.model)
         check_model("reward.model", self.reward.model)
+        if self.reward.kind == "gold":
+            check_scorer("reward.scorer", self.reward.scorer)
+        check_scorer("gold_scorer", self.gold_scorer)
 
 
 def best_of_n_table(selector: np.ndarray, gold: np.ndarray, max_n: int, *, seed: int = 0,

@@ -165,6 +165,26 @@ def check_model(key: str, value: str | None) -> None:
         raise ConfigError(f"{key}: {exc}") from exc
 
 
+SCORER_KINDS = ("vader", "hf-classifier", "hf-reward", "token-frequency")  # actors.scorers.build_scorer's
+
+
+def check_scorer(key: str, spec: str | None) -> None:
+    """Fail at config time on a scorer spec ``actors.scorers.build_scorer`` would reject inside an
+    actor: an unknown kind, a missing model, a local model folder that does not exist."""
+    if spec is None:
+        return
+    kind, _, arg = spec.partition(":")
+    if kind not in SCORER_KINDS:
+        raise ConfigError(f"{key}: unknown scorer {spec!r} (vader, hf-classifier:<id>[@<label>], "
+                          f"hf-reward:<id or folder>, token-frequency:<id>[-<id>])")
+    if kind in ("hf-classifier", "hf-reward"):
+        model = arg.partition("@")[0] if kind == "hf-classifier" else arg
+        if not model:
+            raise ConfigError(f"{key}: scorer {kind!r} needs a model: {kind}:<model id or folder>")
+        if "/" in model or model.startswith((".", "~")):  # bare legacy hub ids ("gpt2") load as they are
+            check_model(key, model)
+
+
 def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str | None, argv=None,
             override_help: str = "key.sub=value overrides") -> int:
     """The command line every driver shares: ``--preset``, ``--data``, ``--skip-bad-rows``, overrides, and

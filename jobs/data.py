@@ -13,6 +13,7 @@ Conventions every later stage can rely on:
 - Rows are numbered from 1, counting data rows: row N of a JSONL file is line N (blank lines are
   skipped but counted), of a CSV file the N-th record after the header, of a Parquet file, JSON array
   or hub dataset the N-th row. Every :class:`DataError` names the source, the row and the column.
+- Score columns (:data:`SCORE_FIELDS`), where a row has them, must be finite numbers.
 - Over-long rows are not this layer's business: they are handled at tokenization.
 
 Spec strings accepted by :func:`load_preference_pairs` and :func:`load_prompts`::
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any, Union
 
 __all__ = [
+    "COLUMN_FIELDS",
     "DEMO_REVIEW_OPENINGS",
     "DataError",
     "DataSpec",
@@ -52,6 +54,7 @@ __all__ = [
     "LoadReport",
     "PreferencePair",
     "PromptRecord",
+    "SCORE_FIELDS",
     "demo_prompts",
     "hh_transcript_to_messages",
     "imdb_prompt_words",
@@ -77,6 +80,11 @@ Messages = list[Message]
 Prompt = Union[str, Messages]
 
 CHAT_ROLES = ("system", "user", "assistant")
+# Score columns of scored pair files (UltraFeedback's names and jobs.preference_data's), checked as
+# finite numbers wherever a row has them.
+SCORE_FIELDS = ("score_chosen", "score_rejected", "chosen_score", "rejected_score")
+# Record fields a ``columns`` mapping may rename to the source's column names.
+COLUMN_FIELDS = ("prompt", "chosen", "rejected", "text", "label", "prompt_id", *SCORE_FIELDS)
 MAX_REPORT_MESSAGES = 5
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
@@ -483,7 +491,11 @@ def _generic_pair_row(row: _Row) -> PreferencePair:
     if chosen_context != rejected_context:
         raise row.error("rejected", "chosen and rejected conversations do not share a prompt", "prompt_mismatch")
     prompt = _generic_prompt(row, chosen_context)
-    return row.pair(prompt, chosen, rejected, row.extras(("prompt", "chosen", "rejected")))
+    # A score column is optional, but where a row has one it must be a finite number: a NaN score
+    # (pandas' missing value, json's NaN) would otherwise travel silently into margins and reports.
+    scores = {name: row.score(name) for name in SCORE_FIELDS if row.has(name)}
+    metadata = {**row.extras(("prompt", "chosen", "rejected", *SCORE_FIELDS)), **scores}
+    return row.pair(prompt, chosen, rejected, metadata)
 
 
 def _pair_prompt(pair: PreferencePair) -> PromptRecord:
