@@ -86,3 +86,25 @@ def micro_batches(batch: Batch, micro_batch_size: int):
         rows = slice(start, min(total, start + step))
         cols, part = slice_batch(batch, rows)
         yield rows, cols, part
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padding-free layout: the real tokens of all rows in one row [1, N], in row order.
+
+    Returns (packed ids, position ids restarting at 0 for each sequence, the [B, T] bool mask that
+    ``unpack_rows`` scatters with). Given ``position_ids`` and no attention mask, transformers
+    (``masking_utils.find_packed_sequence_indices``) starts a new sequence wherever a position does not
+    follow its predecessor by 1, and masks attention across sequences (sdpa/eager: a block-diagonal
+    causal mask; flash-attention: varlen kernels), so each sequence sees only itself."""
+    from actors.logprobs import position_ids_from_mask
+
+    keep = attention_mask.bool()
+    return (input_ids[keep].unsqueeze(0), position_ids_from_mask(attention_mask)[keep].unsqueeze(0), keep)
+
+
+def unpack_rows(packed: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[1, N, ...] values of a packed row back to the padded [B, T, ...] layout (zeros on padding);
+    differentiable, so loss code written for padded batches runs unchanged."""
+    out = packed.new_zeros((*keep.shape, *packed.shape[2:]))
+    out[keep] = packed[0]
+    return out

@@ -20,12 +20,17 @@ class CriticActor(TrainableMixin):
     role = "critic"
 
     def __init__(self, model: str, *, seed: int = 0, torch_threads: int | None = None, dtype: str = "float32",
-                 micro_batch_size: int = 8, optimizer: OptimizerConfig | dict | None = None):
+                 micro_batch_size: int = 8, optimizer: OptimizerConfig | dict | None = None,
+                 lora: dict | None = None, gradient_checkpointing: bool = False, packing: bool = False,
+                 offload_optimizer: bool = False):
         quiet_transformers()
         configure_threads(torch_threads)
         seed_everything(seed)
         self.device = pick_device()
-        self.model = ScalarHeadModel.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        self.offload_optimizer = offload_optimizer  # read by setup_optimizer (actors.offload)
+        self.model = ScalarHeadModel.from_pretrained(
+            model, dtype=dtype, lora=lora, gradient_checkpointing=gradient_checkpointing, packing=packing,
+        ).to(self.device).eval()
         self.micro_batch_size = micro_batch_size
         self.setup_optimizer(optimizer or OptimizerConfig(lr=1e-5, eps=1e-5))
 

@@ -158,12 +158,15 @@ class GenerationActor:
     """One generation worker. ``backend='hf'`` (always available), ``'vllm'`` (when installed) or ``'auto'``.
 
     ``backend_options`` go to the vLLM backend (see ``actors.vllm_backend.VLLMGenerationBackend``).
+    ``lora``: the policy's LoRA options. vLLM then serves synced adapters (``accepts_adapters``); the HF
+    backend ignores it and takes the policy's merged full weights.
     """
 
     role = "generator"
 
     def __init__(self, model: str, *, backend: str = "hf", seed: int = 0, torch_threads: int | None = None,
-                 dtype: str = "float32", micro_batch_size: int = 64, backend_options: dict | None = None):
+                 dtype: str = "float32", micro_batch_size: int = 64, backend_options: dict | None = None,
+                 lora: dict | None = None):
         quiet_transformers()
         self.threads = configure_threads(torch_threads)
         seed_everything(seed)
@@ -179,7 +182,9 @@ class GenerationActor:
         else:
             from actors.vllm_backend import VLLMGenerationBackend  # imported only where vLLM is installed
 
-            options = {"seed": seed, "threads": torch_threads, **(backend_options or {})}
+            # A LoRA policy's options: vLLM starts with LoRA enabled and takes adapter-only syncs.
+            options = {"seed": seed, "threads": torch_threads, **({"lora": lora} if lora else {}),
+                       **(backend_options or {})}
             self.backend = VLLMGenerationBackend(path, dtype=dtype, **options)
         self.start_seconds = time.perf_counter() - start
         self.weights_version = 0
@@ -188,7 +193,12 @@ class GenerationActor:
         return describe_actor(self.role, getattr(self.backend, "device", "cpu"), backend=self.backend_name,
                               model=self.model_name, weights_version=self.weights_version,
                               start_seconds=self.start_seconds,
-                              weight_sync=getattr(self.backend, "weight_sync", "load_state_dict"))
+                              weight_sync=getattr(self.backend, "weight_sync", "load_state_dict"),
+                              lora_adapters=self.accepts_adapters())
+
+    def accepts_adapters(self) -> bool:
+        """Whether ``update_weights`` takes LoRA adapter tensors alone (a LoRA-enabled vLLM engine)."""
+        return bool(getattr(self.backend, "lora_enabled", False))
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig | dict) -> dict:
         sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling

@@ -176,3 +176,100 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str | torc
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=torch_dtype(dtype))
     return disable_dropout(model).to(device).eval()
+
+
+# -- LoRA (peft) ----------------------------------------------------------------------------------
+# Attention and MLP projections of Llama / Qwen2 / Mistral / SmolLM2 (their module names agree).
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_OPTION_KEYS = ("r", "alpha", "dropout", "target_modules")
+
+
+def lora_config(options: dict):
+    """A ``peft.LoraConfig`` from the project's option dict: ``r`` (8), ``alpha`` (2r), ``dropout``
+    (0.0: RL and DPO need the same log-probs in training and at rollout), ``target_modules``
+    (``DEFAULT_LORA_TARGETS``). Unknown keys are an error, so a typo never silently trains full weights."""
+    from peft import LoraConfig
+
+    unknown = sorted(set(options) - set(LORA_OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown lora option(s) {unknown} (choose from {list(LORA_OPTION_KEYS)})")
+    r = int(options.get("r", 8))
+    if r < 1:
+        raise ValueError(f"lora.r must be >= 1, got {r}")
+    return LoraConfig(r=r, lora_alpha=float(options.get("alpha", 2 * r)), lora_dropout=float(options.get("dropout", 0.0)),
+                      target_modules=list(options.get("target_modules") or DEFAULT_LORA_TARGETS), bias="none")
+
+
+def apply_lora(model: torch.nn.Module, options: dict):
+    """Wrap ``model`` with LoRA adapters (``peft.get_peft_model``): only the adapters stay trainable.
+    B starts at zero, so the wrapped model computes exactly what the base model does until it trains."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(options))
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def unwrap_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under a peft wrapper (its modules still carry the LoRA layers), or ``model`` itself."""
+    return model.get_base_model() if is_lora(model) else model
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the weights under the base model's names, with every LoRA delta folded in
+    (W + scale * B @ A, peft's own ``get_delta_weight``), without touching ``model``: merging in place
+    and unmerging afterwards would leave float rounding in the trained base weights.
+
+    A model without LoRA gives its plain state dict (copied)."""
+    if not is_lora(model):
+        return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    adapter = model.active_adapter
+    deltas: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                if module.merged:
+                    raise RuntimeError(f"{name}: adapter is merged in place; unmerge it first")
+                deltas[f"{name}.weight"] = module.get_delta_weight(adapter)
+        merged = {}
+        for key, value in base.state_dict().items():
+            if ".lora_" in key:
+                continue
+            name = key.replace(".base_layer.", ".")
+            tensor = value.detach()
+            if name in deltas:
+                tensor = tensor + deltas[name].to(tensor.dtype)
+            merged[name] = tensor.to("cpu").clone()
+    return merged
+
+
+def save_causal_lm(model: torch.nn.Module, tokenizer, folder: str | os.PathLike) -> str:
+    """An HF folder that ``AutoModelForCausalLM.from_pretrained`` loads. With LoRA: the merged weights
+    at the top level and the adapter alone (peft format) in ``adapter/``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if is_lora(model):
+        model.get_base_model().save_pretrained(folder, state_dict=merged_state_dict(model))
+        model.save_pretrained(folder / "adapter")
+    else:
+        model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+    Non-reentrant checkpointing (``use_reentrant=False``) does not need inputs that require grad, but
+    transformers also hooks the input embeddings to require grad (what peft needs for the reentrant
+    variant), so frozen-base LoRA models get gradients through checkpointed layers either way.
+    Call before ``apply_lora``. HF only checkpoints in train mode, so eval passes are unchanged."""
+    unwrap_lora(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

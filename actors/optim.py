@@ -67,6 +67,10 @@ class TrainableMixin:
         config.validate()
         self.optimizer_config = config
         self.optimizer = build_optimizer(self.model.parameters(), config)
+        if getattr(self, "offload_optimizer", False):  # ModelWorker option; see actors.offload
+            from actors.offload import offload_optimizer_state
+
+            self.optimizer = offload_optimizer_state(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.global_step = 0
         self.nonfinite_steps = 0
@@ -81,22 +85,25 @@ class TrainableMixin:
         start = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_rows = sum(rows for rows, _ in parts)
+        total_rows = sum(rows for rows, _ in parts)  # of the whole (mini)batch, over all workers
         sums: dict[str, float] = {}
         finite = True
-        for rows, run in parts:
+        for part in self._my_share(parts):
+            rows, run = part if part is not None else (0, self._idle_pass)
             with self._autocast():
                 loss, metrics = run()
             weight = rows / total_rows
             finite &= bool(torch.isfinite(loss))
-            if finite:
+            if finite or self.lockstep:
                 (loss * weight).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k == "tokens" else weight)
+        finite = self._all_finite(finite)
+        sums = self._reduce_sums(sums)
         grad_norm = float("nan")
         if finite:
             max_norm = self.optimizer_config.max_grad_norm or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            grad_norm = self._clip_grad_norm(max_norm)
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -110,6 +117,28 @@ class TrainableMixin:
         sums.update({"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
                      "skipped_nonfinite": float(not finite), "timing_s/update": time.perf_counter() - start})
         return sums
+
+    # -- data parallelism: one worker here; actors.sharded overrides these for FSDP2 groups ---------
+    lockstep = False  # True: every worker runs every backward pass (sharded collectives must match)
+
+    def _my_share(self, items: list) -> list:
+        """The micro-batches this worker runs; ``None`` marks an idle pass that only keeps it in step."""
+        return items
+
+    def _idle_pass(self):
+        raise NotImplementedError("idle passes exist only in sharded groups (actors.sharded)")
+
+    def _all_finite(self, finite: bool) -> bool:
+        """Whether every worker's losses were finite (all skip the update together)."""
+        return finite
+
+    def _reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        """Row-weighted metric sums over all workers (each weighted by the global row count)."""
+        return sums
+
+    def _clip_grad_norm(self, max_norm: float) -> float:
+        """Clip to ``max_norm`` by the norm of the whole gradient; returns that norm."""
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
 
     # -- checkpoint state -------------------------------------------------------------------------
     def save_state(self, folder: str) -> str:
@@ -128,7 +157,12 @@ class TrainableMixin:
         return str(target)
 
     def load_state(self, folder: str) -> int:
-        """Restore what ``save_state`` wrote (same model and optimizer shapes); returns the global step."""
+        """Restore what ``save_state`` wrote (same model and optimizer shapes); returns the global step.
+        A sharded group's checkpoint (``torch.distributed.checkpoint``, any world size) loads too."""
+        if (Path(folder) / "dcp").is_dir():
+            from actors.sharded import load_sharded_state
+
+            return load_sharded_state(self, folder)
         state = torch.load(Path(folder) / TRAINER_STATE, map_location="cpu",
                            weights_only=False)  # our own file: RNG states are numpy/python objects
         self.model.load_state_dict(state["model"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 
 import torch
 
@@ -45,11 +44,14 @@ class PolicyActor(TrainableMixin, ModelWorker):
         """Summed response NLL and token count on held-out rows (the driver divides to get NLL/token)."""
         self.model.eval()
         nll, tokens = 0.0, 0.0
-        for _, _, mb in micro_batches(batch, micro_batch_size or self.micro_batch_size):
-            out = self._response_logprobs(mb)
+        for item in self._my_share(list(micro_batches(batch, micro_batch_size or self.micro_batch_size))):
+            if item is None:  # sharded group: this worker has no rows left but must keep in step
+                self._idle_pass()
+                continue
+            out = self._response_logprobs(item[2])
             nll -= float(out.token_logps.sum())
             tokens += float(out.mask.sum())
-        return {"nll_sum": nll, "response_tokens": tokens}
+        return self._reduce_sums({"nll_sum": nll, "response_tokens": tokens})
 
     # -- DPO family ---------------------------------------------------------------------------------
     def _preference_forward(self, mb: Batch, ref_chosen, ref_rejected, loss: dict):
@@ -99,14 +101,18 @@ class PolicyActor(TrainableMixin, ModelWorker):
         self.model.eval()
         pairs = batch["input_ids"].shape[0] // 2
         sums: dict[str, float] = {}
-        for index, mb in pair_micro_batches(batch, micro_batch_size or self.micro_batch_size):
+        for item in self._my_share(list(pair_micro_batches(batch, micro_batch_size or self.micro_batch_size))):
+            if item is None:  # sharded group: this worker has no pairs left but must keep in step
+                self._idle_pass()
+                continue
+            index, mb = item
             rc = None if ref_chosen is None else ref_chosen[index]
             rr = None if ref_rejected is None else ref_rejected[index]
             with self._autocast():
                 _, metrics = self._preference_forward(mb, rc, rr, loss)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * (1.0 if k == "tokens" else len(index) / pairs)
-        return sums
+        return self._reduce_sums(sums)
 
     # -- PPO --------------------------------------------------------------------------------------
     def train_ppo(self, batch: Batch, old_logprobs: torch.Tensor, advantages: torch.Tensor, ppo: dict,
@@ -168,9 +174,6 @@ class PolicyActor(TrainableMixin, ModelWorker):
 
     # -- state ------------------------------------------------------------------------------------
     def save(self, path: str) -> str:
-        """An HF folder that AutoModelForCausalLM.from_pretrained loads (safetensors + tokenizer)."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-        return str(folder)
+        """An HF folder that AutoModelForCausalLM.from_pretrained loads (safetensors + tokenizer); with
+        LoRA the merged weights, plus the adapter alone in ``<path>/adapter``."""
+        return self.save_pretrained_model(path)

@@ -24,6 +24,10 @@ class RewardModelActor(TrainableMixin):
     ``kind='gold'``: ``scorer`` is a spec understood by ``actors.scorers.build_scorer``.
 
     Both decode with ``tokenizer`` (the policy's), since actors receive token ids.
+
+    Learned-model options: ``lora`` (adapters on the backbone, head fully trainable),
+    ``gradient_checkpointing``, ``packing`` (see ``actors.value_model``) and ``offload_optimizer``
+    (optimizer state on the CPU, ``actors.offload``; a no-op on a CPU-only machine).
     """
 
     role = "reward"
@@ -31,7 +35,8 @@ class RewardModelActor(TrainableMixin):
     def __init__(self, *, kind: str = "learned", model: str | None = None, scorer: str | None = None,
                  tokenizer: str | None = None, seed: int = 0, torch_threads: int | None = None,
                  dtype: str = "float32", micro_batch_size: int = 8, normalize: bool = True,
-                 optimizer: OptimizerConfig | dict | None = None):
+                 optimizer: OptimizerConfig | dict | None = None, lora: dict | None = None,
+                 gradient_checkpointing: bool = False, packing: bool = False, offload_optimizer: bool = False):
         quiet_transformers()
         configure_threads(torch_threads)
         seed_everything(seed)
@@ -39,10 +44,13 @@ class RewardModelActor(TrainableMixin):
         self.device = pick_device()
         self.micro_batch_size = micro_batch_size
         self.normalize = normalize
+        self.offload_optimizer = offload_optimizer
         if kind == "learned":
             if not model:
                 raise ValueError("reward.kind 'learned' needs reward.model")
-            self.model = ScalarHeadModel.from_pretrained(model, dtype=dtype).to(self.device).eval()
+            self.model = ScalarHeadModel.from_pretrained(
+                model, dtype=dtype, lora=lora, gradient_checkpointing=gradient_checkpointing, packing=packing,
+            ).to(self.device).eval()
             self.tokenizer = load_tokenizer(tokenizer or model)
             if optimizer is not None:
                 self.setup_optimizer(optimizer)

@@ -2,6 +2,11 @@
 
 Saved as an HF backbone folder plus ``value_head.safetensors`` and ``value_head.json`` (reward
 normalisation), so the critic can be initialised from the reward model by loading the same folder.
+
+Options (``from_pretrained``): ``lora`` wraps the backbone with LoRA adapters (the head stays fully
+trainable; saving merges the adapters into the backbone weights, same format), ``gradient_checkpointing``
+recomputes the backbone's layer activations in the backward pass, ``packing`` runs each batch
+padding-free (see ``actors.batch.pack_rows``).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from actors.batch import pack_rows, unpack_rows
 from actors.logprobs import position_ids_from_mask
-from actors.models import disable_dropout, resolve_model_path, torch_dtype
+from actors.models import (apply_lora, disable_dropout, enable_gradient_checkpointing, is_lora, merged_state_dict,
+                           resolve_model_path, torch_dtype)
 
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_META = "value_head.json"
@@ -30,15 +37,22 @@ class ScalarHeadModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.reward_mean = reward_mean
         self.reward_std = reward_std
+        self.packing = False
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: str = "float32") -> "ScalarHeadModel":
+    def from_pretrained(cls, name_or_path: str, dtype: str = "float32", *, lora: dict | None = None,
+                        gradient_checkpointing: bool = False, packing: bool = False) -> "ScalarHeadModel":
         """Load a saved scalar-head model, or start one from any causal LM (fresh head)."""
         from transformers import AutoModel
 
         path = resolve_model_path(name_or_path)
         backbone = disable_dropout(AutoModel.from_pretrained(path, dtype=torch_dtype(dtype)))
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(backbone)
         model = cls(backbone, backbone.config.hidden_size).to(torch_dtype(dtype))
+        if lora:  # after the head, so the head's random init does not depend on LoRA
+            model.backbone = apply_lora(backbone, lora)
+        model.packing = packing
         folder = Path(path)
         if (folder / HEAD_WEIGHTS).exists():
             model.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
@@ -47,14 +61,23 @@ class ScalarHeadModel(nn.Module):
         return model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unnormalised scalar per position, [B, T]."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        return self.head(out.last_hidden_state).squeeze(-1).float()
+        """Unnormalised scalar per position, [B, T] (with packing: the head's bias on padding)."""
+        if self.packing:
+            ids, position_ids, keep = pack_rows(input_ids, attention_mask)
+            hidden = unpack_rows(self.backbone(input_ids=ids, position_ids=position_ids, use_cache=False)
+                                 .last_hidden_state, keep)
+        else:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
 
     def save_pretrained(self, folder: str | Path) -> None:
+        """Backbone folder + head files; a LoRA backbone is saved with its adapters merged in."""
         folder = Path(folder)
-        self.backbone.save_pretrained(folder)
+        if is_lora(self.backbone):
+            self.backbone.get_base_model().save_pretrained(folder, state_dict=merged_state_dict(self.backbone))
+        else:
+            self.backbone.save_pretrained(folder)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(folder / HEAD_WEIGHTS))
         (folder / HEAD_META).write_text(json.dumps({"reward_mean": self.reward_mean, "reward_std": self.reward_std}))
 

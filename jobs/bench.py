@@ -3,6 +3,7 @@
     python -m jobs.bench generate [--model smollm2] [--backend hf,vllm] [--num-generators 1,2] [--prompts 64]
     python -m jobs.bench dpo [--model smollm2] [--sequences 8] [--seq-len 256]
     python -m jobs.bench ppo [--model smollm2] [--prompts 16] [--new-tokens 48]
+    python -m jobs.bench memory [--model smollm2] [--settings baseline,gradient_checkpointing,...] [--pairs 4]
 
 Targets are checked here, never by timed assertions in tests.
 """
@@ -13,6 +14,8 @@ import argparse
 import json
 import os
 import platform as py_platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -194,6 +197,126 @@ def bench_dpo(args) -> dict:
             "machine": machine_facts()}
 
 
+# Each memory saver as PolicyActor options; "all" combines them. offload_optimizer moves AdamW state
+# off the accelerator, so it is measured on CUDA only (a no-op on a CPU-only machine).
+MEMORY_SETTINGS = {
+    "baseline": {},
+    "gradient_checkpointing": {"gradient_checkpointing": True},
+    "bf16_autocast": {"autocast_bf16": True},
+    "packing": {"packing": True},
+    "lora": {"lora": {"r": 8}},
+    "offload_optimizer": {"offload_optimizer": True},
+    "all": {"gradient_checkpointing": True, "autocast_bf16": True, "packing": True, "lora": {"r": 8}},
+}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _variable_pairs(pairs: int, seq_len: int, prompt_len: int, min_frac: float, vocab: int, seed: int = 0):
+    """Pairs whose responses vary in length (from ``min_frac`` of the longest), so batches carry padding."""
+    from actors.batch import collate_pairs
+
+    g = torch.Generator().manual_seed(seed)
+    longest = seq_len - prompt_len
+    shortest = max(1, int(longest * min_frac))
+
+    def ids():
+        n = int(torch.randint(shortest, longest + 1, (1,), generator=g))
+        return torch.randint(100, vocab, (n,), generator=g).tolist()
+
+    prompts = [torch.randint(100, vocab, (prompt_len,), generator=g).tolist() for _ in range(pairs)]
+    return collate_pairs(prompts, [ids() for _ in range(pairs)], [ids() for _ in range(pairs)], pad_token_id=0)
+
+
+def _memory_child(args) -> dict:
+    """One setting in this (fresh) process: DPO steps, then the process's peak memory."""
+    import resource
+
+    from actors.policy import PolicyActor
+
+    options = MEMORY_SETTINGS[args.child]
+    cuda = torch.cuda.is_available()
+    start_mib = _rss_mib()
+    policy = PolicyActor(args.model, torch_threads=args.threads or os.cpu_count() or 1,
+                         optimizer={"name": "adamw", "lr": 1e-6}, micro_batch_size=args.micro_pairs, **options)
+    loaded_mib = _rss_mib()
+    vocab = len(policy.tokenizer)
+    batch = _variable_pairs(args.pairs, args.seq_len, args.prompt_len, args.min_len_frac, vocab)
+    # The reference is the starting policy (a LoRA policy's adapter-disabled base): the loss starts at log 2.
+    ref = (policy.reference_logprobs(batch) if policy.lora else policy.logprobs(batch))["sum"]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    seconds, losses = [], []
+    for _ in range(args.steps):
+        begin = time.perf_counter()
+        metrics = policy.train_dpo(batch, ref[:args.pairs], ref[args.pairs:], {"variant": "sigmoid", "beta": 0.1})
+        seconds.append(time.perf_counter() - begin)
+        losses.append(metrics["loss"])
+    result = {"setting": args.child, "options": options, "device": "cuda" if cuda else "cpu",
+              "process_start_rss_mib": start_mib, "model_loaded_rss_mib": loaded_mib,
+              # ru_maxrss is in KiB on Linux: the highest resident set of this process over its life.
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "trainable_parameters": sum(p.numel() for p in policy.model.parameters() if p.requires_grad),
+              "tokens_per_step": float(batch["attention_mask"].sum()), "padded_tokens_per_step": batch["attention_mask"].numel(),
+              "step_seconds": seconds, "losses": losses}
+    result["peak_above_start_mib"] = result["peak_rss_mib"] - start_mib
+    if cuda:
+        result["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def bench_memory(args) -> dict:
+    """Peak memory of a few DPO steps per memory saver, each in a fresh process (one at a time), and
+    each peak's ratio to the baseline's. CPU: peak RSS of the process (the whole process, and the part
+    above its RSS before the model was loaded); CUDA: torch.cuda.max_memory_allocated."""
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in settings if s not in MEMORY_SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown memory setting(s) {unknown}; choose from {sorted(MEMORY_SETTINGS)}")
+    cuda = torch.cuda.is_available()
+    if not cuda and "offload_optimizer" in settings:
+        settings.remove("offload_optimizer")  # a no-op without an accelerator: nothing to measure
+    if "baseline" not in settings:
+        settings.insert(0, "baseline")
+    passthrough = ["--model", args.model, "--pairs", str(args.pairs), "--seq-len", str(args.seq_len),
+                   "--prompt-len", str(args.prompt_len), "--micro-pairs", str(args.micro_pairs),
+                   "--steps", str(args.steps), "--min-len-frac", str(args.min_len_frac)]
+    if args.threads:
+        passthrough += ["--threads", str(args.threads)]
+    results = []
+    for setting in settings:
+        proc = subprocess.run([sys.executable, "-m", "jobs.bench", "memory", "--child", setting, *passthrough],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory setting {setting!r} failed:\n{proc.stderr[-4000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"[memory] {setting:24s} peak RSS {r['peak_rss_mib']:8.0f} MiB (above start {r['peak_above_start_mib']:7.0f})"
+              + (f", CUDA {r['peak_cuda_allocated_mib']:.0f} MiB" if cuda else "")
+              + f", {sum(r['step_seconds']) / len(r['step_seconds']):.1f} s/step", file=sys.stderr, flush=True)
+    key = "peak_cuda_allocated_mib" if cuda else "peak_rss_mib"
+    base = results[0]
+    for r in results:
+        r["ratio_to_baseline"] = r[key] / base[key]
+        r["ratio_above_start_to_baseline"] = r["peak_above_start_mib"] / base["peak_above_start_mib"]
+    table = [f"{r['setting']:24s} {r[key]:8.0f} MiB  x{r['ratio_to_baseline']:.2f}  "
+             f"(above start {r['peak_above_start_mib']:7.0f} MiB  x{r['ratio_above_start_to_baseline']:.2f})"
+             for r in results]
+    print("\n".join(table), file=sys.stderr)
+    return {"benchmark": "memory", "model": args.model, "pairs": args.pairs, "seq_len": args.seq_len,
+            "prompt_len": args.prompt_len, "min_len_frac": args.min_len_frac, "micro_pairs": args.micro_pairs,
+            "steps": args.steps, "metric": key, "settings": results,
+            "ratios": {r["setting"]: r["ratio_to_baseline"] for r in results},
+            "ratios_above_start": {r["setting"]: r["ratio_above_start_to_baseline"] for r in results},
+            "machine": machine_facts()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="which", required=True)
@@ -221,11 +344,26 @@ def main(argv=None) -> int:
     dpo.add_argument("--threads", type=int, default=None)
     dpo.add_argument("--repeats", type=int, default=2)
     add_ppo_parser(sub)
-    for p in (gen, dpo, sub.choices["ppo"]):
+    mem = sub.add_parser("memory", help="peak memory of DPO steps with each memory saver (a fresh process each)")
+    mem.add_argument("--model", default="smollm2")
+    mem.add_argument("--settings", default="baseline,gradient_checkpointing,bf16_autocast,packing,lora,offload_optimizer,all",
+                     help=f"comma list from {sorted(MEMORY_SETTINGS)} (offload_optimizer: CUDA only)")
+    mem.add_argument("--pairs", type=int, default=4, help="preference pairs per step (2x sequences)")
+    mem.add_argument("--seq-len", type=int, default=256, help="longest sequence (prompt + response)")
+    mem.add_argument("--prompt-len", type=int, default=64)
+    mem.add_argument("--min-len-frac", type=float, default=0.25, help="shortest response as a fraction of the longest")
+    mem.add_argument("--micro-pairs", type=int, default=4)
+    mem.add_argument("--steps", type=int, default=2, help="optimizer steps (AdamW state exists from the first)")
+    mem.add_argument("--threads", type=int, default=None)
+    mem.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    for p in (gen, dpo, sub.choices["ppo"], mem):
         p.add_argument("--address", default=None)
         p.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = {"generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo}[args.which](args)
+    if args.which == "memory" and args.child:
+        print(json.dumps(_memory_child(args)))
+        return 0
+    result = {"generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo, "memory": bench_memory}[args.which](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

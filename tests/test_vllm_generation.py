@@ -24,7 +24,7 @@ import torch
 from actors.batch import collate_sequences
 from actors.generation import GenerationActor, SamplingConfig, generate_sharded
 from actors.group import ActorGroup, ActorResources
-from actors.models import ensure_smollm2, load_tokenizer
+from actors.models import load_tokenizer
 from actors.policy import PolicyActor
 
 # Tests that start a vLLM engine are marked vllm + slow and skipped where vLLM is not installed;
@@ -39,21 +39,8 @@ VLLM_OPTIONS = {"max_model_len": 128, "kv_cache_gib": 0.25}
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama-hd32")
-    tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2())
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=512)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+def tiny_model(tiny_hd32_model) -> str:
+    return tiny_hd32_model  # conftest: 2 layers, head size 32, SmolLM2's tokenizer
 
 
 @pytest.fixture(scope="module")
