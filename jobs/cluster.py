@@ -121,3 +121,70 @@ def role_resources(base: ActorResources, placement: dict, role: str) -> ActorRes
     if not wanted:
         return base
     return dataclasses.replace(base, resources={**base.resources, **wanted})
+
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class TrainingRoleConfig:
+    """How a trainable role (policy, critic) is laid out: one actor, or an FSDP2-sharded group of
+    ``num_workers`` actors in a Ray placement group (``actors.sharded``)."""
+
+    num_workers: int = 1
+    strategy: str = "PACK"          # placement of the group's bundles: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    fsdp: dict = dataclasses.field(default_factory=dict)  # actors.sharded.FSDPConfig: cpu_offload, reshard_after_forward, backend
+    colocate_with: str | None = None  # share the bundles (and GPUs) of another sharded role, e.g. critic with policy
+    share: float = 1.0              # the fraction of each bundle this role takes when colocated
+    # Memory savers and adapters (actors.worker): {} / False = off.
+    dtype: str = "float32"          # weights: float32 | bfloat16 | float16 (e.g. a LoRA policy's frozen base in bf16)
+    lora: dict = dataclasses.field(default_factory=dict)  # peft LoRA: r, alpha, dropout, target_modules
+    gradient_checkpointing: bool = False  # recompute decoder-layer activations in the backward pass
+    packing: bool = False           # padding-free micro-batches (position ids restart per sequence)
+    offload_optimizer: bool = False  # optimizer state on the CPU (FSDP2 groups: CPUOffloadPolicy); no-op on CPU
+
+    def actor_options(self) -> dict:
+        """The keyword arguments these options become for the role's actor (PolicyActor, CriticActor, ...)."""
+        return {"dtype": self.dtype, "lora": dict(self.lora) or None, "gradient_checkpointing": self.gradient_checkpointing,
+                "packing": self.packing, "offload_optimizer": self.offload_optimizer}
+
+    def validate(self, key: str, roles: tuple[str, ...] = ()) -> None:
+        from actors.sharded import STRATEGIES, FSDPConfig
+        from jobs.config import ConfigError
+
+        if self.num_workers < 1:
+            raise ConfigError(f"{key}.num_workers must be >= 1, got {self.num_workers}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"{key}.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        valid = {f.name for f in dataclasses.fields(FSDPConfig)}
+        unknown = sorted(set(self.fsdp) - valid)
+        if unknown:
+            raise ConfigError(f"unknown config key '{key}.fsdp.{unknown[0]}' (valid: {', '.join(sorted(valid))})")
+        if self.colocate_with is not None and self.colocate_with not in roles:
+            raise ConfigError(f"{key}.colocate_with must be one of {', '.join(roles) or '(none here)'}, "
+                              f"got {self.colocate_with!r}")
+        if not 0 < self.share <= 1:
+            raise ConfigError(f"{key}.share must be in (0, 1], got {self.share}")
+        if self.dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"{key}.dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.dtype!r}")
+        if self.lora:
+            from actors.models import lora_config
+
+            if self.num_workers > 1 or self.colocate_with:
+                raise ConfigError(f"{key}.lora: LoRA needs a single-actor {key} (num_workers 1, no colocate_with): "
+                                  f"sharded LoRA groups are not supported yet")
+            try:
+                lora_config(self.lora)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{key}.lora: {exc}") from None
+
+
+def build_training_group(actor_cls: type, role: str, layout: TrainingRoleConfig, *, resources: ActorResources,
+                         init_kwargs: dict, call_timeout_s: float, colocate_with=None):
+    """A plain ActorGroup for one worker, an FSDP2 ShardedActorGroup for more (same driver code)."""
+    from actors.sharded import training_group
+
+    init_kwargs = {**init_kwargs, **layout.actor_options()}
+    return training_group(actor_cls, role, layout.num_workers, resources=resources, init_kwargs=init_kwargs,
+                          strategy=layout.strategy, colocate_with=colocate_with, share=layout.share,
+                          fsdp=dict(layout.fsdp) or None, call_timeout_s=call_timeout_s)

@@ -25,7 +25,7 @@ from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.runtime import rng_state, set_rng_state
 from jobs.batching import EncodedPair, TokenizeConfig, encode_pairs
-from jobs.cluster import check_placement, init_ray, role_resources
+from jobs.cluster import TrainingRoleConfig, build_training_group, check_placement, init_ray, role_resources
 from jobs.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
@@ -75,10 +75,12 @@ class DPOConfig:
     address: str | None = None     # Ray address; default RAY_ADDRESS or a local cluster
     # Custom node resources per role, pinning it to nodes that offer them, e.g. {policy: {trainer: 1}}
     placement: dict[str, dict[str, float]] = field(default_factory=dict)
+    policy: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # num_workers > 1: FSDP2 group
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> None:
+        self.policy.validate("policy")
         self.checkpoint.validate()
         self.faults.validate()
         self.loss.validate()
@@ -91,6 +93,9 @@ class DPOConfig:
         for key in ("model", "reference_model"):
             check_model(key, getattr(self, key))
         check_placement(self.placement, ("policy", "reference"))
+        if self.policy.lora and self.reference_model not in (None, self.model):
+            raise ConfigError(f"reference_model: with policy.lora the reference is the policy's own base model "
+                              f"(adapters disabled), so it cannot be {self.reference_model!r}; drop reference_model")
 
 
 def run_dir(config) -> Path:
@@ -103,15 +108,19 @@ def _batch(pairs: list[EncodedPair], pad_id: int):
 
 
 class ReferenceLogps:
-    """Reference log-probs by pair index: precomputed once (and cached on disk), or asked per batch."""
+    """Reference log-probs by pair index: precomputed once (and cached on disk), or asked per batch.
 
-    def __init__(self, reference, model: str, pairs: list[EncodedPair], pad_id: int, mode: str):
-        self.reference, self.pairs, self.pad_id, self.mode = reference, pairs, pad_id, mode
+    ``method``: the actor method that gives them: ``logprobs`` of a ReferenceActor, or
+    ``reference_logprobs`` of a LoRA policy (its base model with the adapters disabled)."""
+
+    def __init__(self, reference, model: str, pairs: list[EncodedPair], pad_id: int, mode: str,
+                 method: str = "logprobs"):
+        self.reference, self.pairs, self.pad_id, self.mode, self.method = reference, pairs, pad_id, mode, method
         self.cached = False
         self.seconds = 0.0
         if reference is not None and mode == "precompute" and pairs:
             start = time.perf_counter()
-            self.chosen, self.rejected, self.cached = reference_logps(reference, model, pairs, pad_id)
+            self.chosen, self.rejected, self.cached = reference_logps(reference, model, pairs, pad_id, method=method)
             self.seconds = time.perf_counter() - start
 
     def __call__(self, index: list[int]):
@@ -120,7 +129,7 @@ class ReferenceLogps:
         if self.mode == "precompute":
             return self.chosen[index], self.rejected[index]
         start = time.perf_counter()
-        sums = self.reference.run_one("logprobs", _batch([self.pairs[i] for i in index], self.pad_id))["sum"]
+        sums = self.reference.run_one(self.method, _batch([self.pairs[i] for i in index], self.pad_id))["sum"]
         self.seconds += time.perf_counter() - start
         return sums[: len(index)], sums[len(index):]
 
@@ -168,24 +177,34 @@ def _train_attempt(config: DPOConfig, pad_id: int, train_enc, eval_enc, resume_f
     timeout = config.faults.call_timeout_s
     groups: dict[str, ActorGroup] = {}
     try:
-        groups["policy"] = policy = ActorGroup(
-            PolicyActor, "policy", resources=role_resources(resources, config.placement, "policy"), call_timeout_s=timeout,
+        groups["policy"] = policy = build_training_group(
+            PolicyActor, "policy", config.policy, resources=role_resources(resources, config.placement, "policy"),
+            call_timeout_s=timeout,
             init_kwargs={"model": config.model, "optimizer": dataclasses.asdict(config.optimizer), **common})
-        reference = None
-        if config.loss.variant not in REFERENCE_FREE_VARIANTS:
+        reference, method, reference_from = None, "logprobs", None
+        if config.loss.variant in REFERENCE_FREE_VARIANTS:
+            pass
+        elif config.policy.lora:  # the LoRA policy is its own reference: its base, adapters disabled
+            reference, method, reference_from = policy, "reference_logprobs", "policy with LoRA adapters disabled"
+        else:
+            reference_from = "reference actor"
             groups["reference"] = reference = ActorGroup(
                 ReferenceActor, "reference", resources=role_resources(frozen, config.placement, "reference"),
                 call_timeout_s=timeout, init_kwargs={"model": config.reference_model or config.model, **common})
         policy.wait_ready()
+        roles = sorted(groups)  # the actors this run started (a LoRA policy needs no reference actor)
         ref_model = config.reference_model or config.model
         if reference is not None:
             reference.wait_ready()
-        ref_train = ReferenceLogps(reference, ref_model, train_enc, pad_id, config.reference_mode)
-        ref_eval = ReferenceLogps(reference, ref_model, eval_enc, pad_id, config.reference_mode)
+        # Same model, same pairs: a LoRA policy's adapter-disabled log-probs share the reference cache.
+        ref_train = ReferenceLogps(reference, ref_model, train_enc, pad_id, config.reference_mode, method)
+        ref_eval = ReferenceLogps(reference, ref_model, eval_enc, pad_id, config.reference_mode, method)
         if reference is not None and config.reference_mode == "precompute":
             print(f"[reference] log-probs {'loaded from cache' if ref_train.cached else 'computed'} "
-                  f"in {ref_train.seconds + ref_eval.seconds:.1f} s")
-            groups.pop("reference").shutdown()  # no longer needed: its memory is free for the policy
+                  f"in {ref_train.seconds + ref_eval.seconds:.1f} s"
+                  + (" (LoRA policy, adapters disabled)" if method == "reference_logprobs" else ""))
+            if "reference" in groups:
+                groups.pop("reference").shutdown()  # no longer needed: its memory is free for the policy
             reference = None
 
         loss = dataclasses.asdict(config.loss)
@@ -235,13 +254,15 @@ def _train_attempt(config: DPOConfig, pad_id: int, train_enc, eval_enc, resume_f
         checkpoint = out / "checkpoint"
         policy.run_one("save", str(checkpoint))
         save_config(config, checkpoint)
-        reference_checksum = reference.run_one("weights_checksum") if reference is not None else None
+        reference_checksum = (reference.run_one("weights_checksum")
+                              if reference is not None and method == "logprobs" else None)
     finally:
         for group in groups.values():
             group.shutdown()
     summary = {"steps": total_steps, "train_pairs": len(train_enc), "eval_pairs": len(eval_enc),
                "tokens_trained": loop.tokens, "wall_s": wall_before + time.perf_counter() - start_all,
                "reference_s": ref_train.seconds + ref_eval.seconds, "reference_checksum_end": reference_checksum,
+               "roles": roles, "reference_from": reference_from,
                "checkpoint": str(checkpoint), "resumed_from": str(resume_from) if resume_from else None,
                "recoveries": recoveries, "faults_injected": faults.killed, "nonfinite_skipped_steps": guard.skipped_steps,
                "final": {k: v for k, v in logger.rows[-1].items()} if logger.rows else {}, **loop.last_eval}

@@ -34,7 +34,7 @@ from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
 from actors.runtime import rng_state, set_rng_state
 from jobs.batching import TokenizeConfig, encode_prompt
-from jobs.cluster import check_placement, init_ray, role_resources
+from jobs.cluster import TrainingRoleConfig, build_training_group, check_placement, init_ray, role_resources
 from jobs.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
 from jobs.config import ConfigError, check_model, check_scorer, run_cli, save_config
 from jobs.data_source import DataConfig, load_prompt_splits
@@ -109,10 +109,14 @@ class PPOConfig:
     address: str | None = None
     # Custom node resources per role, pinning it to nodes that offer them, e.g. {policy: {trainer: 1}}
     placement: dict[str, dict[str, float]] = field(default_factory=dict)
+    policy: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # num_workers > 1: FSDP2 group
+    critic: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # colocate_with: policy shares its bundles
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> None:
+        self.policy.validate("policy")
+        self.critic.validate("critic", ("policy",))
         self.checkpoint.validate()
         self.faults.validate()
         self.data.validate()
@@ -158,16 +162,33 @@ class PPOConfig:
             check_scorer("reward.scorer", self.reward.scorer)
         check_scorer("eval_scorer", self.eval_scorer)
         check_placement(self.placement, ("policy", "reference", "reward", "critic", "generator", "judge"))
+        if self.policy.lora and self.reference_model not in (None, self.model):
+            raise ConfigError(f"reference_model: with policy.lora the reference is the policy's own base model "
+                              f"(adapters disabled), so it cannot be {self.reference_model!r}; drop reference_model")
 
 
 @dataclass
 class Fleet:
     policy: ActorGroup
-    reference: ActorGroup
+    reference: ActorGroup | None  # None: a LoRA policy is its own reference (adapters disabled)
     reward: ActorGroup
     critic: ActorGroup
     generators: ActorGroup
     judge: ActorGroup | None
+    adapter_sync: bool = False  # LoRA policy and LoRA-enabled vLLM generators: push only the adapters
+
+    def reference_logprobs(self, batch):
+        """An ObjectRef to the reference's log-probs of ``batch``: the ReferenceActor's, or with LoRA the
+        policy's own base model (``PolicyActor.reference_logprobs``)."""
+        if self.reference is None:
+            return self.policy.call_all("reference_logprobs", batch)[0]
+        return self.reference.call_all("logprobs", batch)[0]
+
+    def push_weights(self, version: int) -> None:
+        """Policy -> object store -> generators, without a stop in the driver: the LoRA adapters alone
+        where every generator serves adapters, else the full (with LoRA: merged) weights."""
+        weights = self.policy.call_all("adapter_weights" if self.adapter_sync else "named_weights")[0]
+        self.generators.run_all("update_weights", weights, version)
 
     def groups(self) -> dict[str, ActorGroup]:
         found = {"policy": self.policy, "reference": self.reference, "reward": self.reward, "critic": self.critic,
@@ -194,29 +215,42 @@ def build_fleet(config: PPOConfig) -> Fleet:
                      if config.reward.kind == "gold" else {"kind": "learned", "model": config.reward.model})
     critic_model = config.critic_model or (config.reward.model if config.reward.kind == "learned" else config.model)
     micro = config.ppo.micro_batch_size
-    fleet = Fleet(
-        policy=ActorGroup(PolicyActor, "policy", resources=place("policy"), init_kwargs={
-            "model": config.model, "optimizer": dataclasses.asdict(config.optimizer), "micro_batch_size": micro, **common}),
-        reference=ActorGroup(ReferenceActor, "reference", resources=place("reference"), init_kwargs={
-            "model": config.reference_model or config.model, "micro_batch_size": micro, **common}),
-        reward=ActorGroup(RewardModelActor, "reward", resources=place("reward"), init_kwargs={**reward_kwargs, **common}),
-        critic=ActorGroup(CriticActor, "critic", resources=place("critic"), init_kwargs={
-            "model": critic_model, "optimizer": dataclasses.asdict(config.critic_optimizer), "micro_batch_size": micro,
-            **common}),
-        generators=ActorGroup(GenerationActor, "generator", num_actors=config.num_generators, indexed_names=True,
-                              resources=place("generator"), init_kwargs={
-                                  "model": config.model, "backend": config.generation_backend,
-                                  "backend_options": config.generation_options, **common}),
-        judge=(ActorGroup(RewardModelActor, "judge",
-                          resources=role_resources(dataclasses.replace(frozen, num_cpus=0.5, torch_threads=1), config.placement,
-                                                   "judge"),
-                          init_kwargs={"kind": "gold", "scorer": config.eval_scorer, "tokenizer": config.model})
-               if config.eval_scorer else None),
-    )
-    for group in fleet.groups().values():
-        group.call_timeout_s = config.faults.call_timeout_s
-        group.wait_ready()
-    return fleet
+    timeout = config.faults.call_timeout_s
+    made: dict[str, ActorGroup] = {}
+    try:
+        made["policy"] = build_training_group(
+            PolicyActor, "policy", config.policy, resources=place("policy"), call_timeout_s=timeout, init_kwargs={
+                "model": config.model, "optimizer": dataclasses.asdict(config.optimizer), "micro_batch_size": micro,
+                **common})
+        if not config.policy.lora:  # a LoRA policy is its own reference: no second copy of the weights
+            made["reference"] = ActorGroup(ReferenceActor, "reference", resources=place("reference"), init_kwargs={
+                "model": config.reference_model or config.model, "micro_batch_size": micro, **common})
+        made["reward"] = ActorGroup(RewardModelActor, "reward", resources=place("reward"),
+                                    init_kwargs={**reward_kwargs, **common})
+        made["critic"] = build_training_group(
+            CriticActor, "critic", config.critic, resources=place("critic"), call_timeout_s=timeout,
+            colocate_with=made["policy"] if config.critic.colocate_with == "policy" else None, init_kwargs={
+                "model": critic_model, "optimizer": dataclasses.asdict(config.critic_optimizer),
+                "micro_batch_size": micro, **common})
+        made["generator"] = ActorGroup(GenerationActor, "generator", num_actors=config.num_generators,
+                                       indexed_names=True, resources=place("generator"), init_kwargs={
+                                           "model": config.model, "backend": config.generation_backend,
+                                           "backend_options": config.generation_options,
+                                           "lora": dict(config.policy.lora) or None, **common})
+        if config.eval_scorer:
+            made["judge"] = ActorGroup(RewardModelActor, "judge", resources=role_resources(
+                dataclasses.replace(frozen, num_cpus=0.5, torch_threads=1), config.placement, "judge"),
+                init_kwargs={"kind": "gold", "scorer": config.eval_scorer, "tokenizer": config.model})
+        for group in made.values():
+            group.call_timeout_s = timeout
+            group.wait_ready()
+    except BaseException:
+        for group in made.values():  # no orphaned actors (or placement groups) when one role fails to start
+            group.shutdown()
+        raise
+    adapter_sync = bool(config.policy.lora) and all(made["generator"].run_all("accepts_adapters"))
+    return Fleet(policy=made["policy"], reference=made.get("reference"), reward=made["reward"], critic=made["critic"],
+                 generators=made["generator"], judge=made.get("judge"), adapter_sync=adapter_sync)
 
 
 @dataclass
@@ -245,7 +279,7 @@ def evaluate(fleet: Fleet, prompts: list[list[int]], config: PPOConfig, pad_id: 
     completions = generate_sharded(fleet.generators, prompts, sampling)
     rollout = make_rollout(completions, pad_id)
     pol_ref = fleet.policy.call_all("logprobs", rollout.batch)[0]
-    ref_ref = fleet.reference.call_all("logprobs", rollout.batch)[0]
+    ref_ref = fleet.reference_logprobs(rollout.batch)
     prompt_ids, response_ids = [c.prompt_ids for c in completions], [c.response_ids for c in completions]
     judge = fleet.judge or fleet.reward
     gold = judge.run_one("score", prompt_ids, response_ids)["scores"]
@@ -298,7 +332,7 @@ def restore_checkpoint(fleet: Fleet, folder: Path, step: int) -> None:
     refs = [fleet.policy.call_all("load_state", str(folder / "policy"))[0],
             fleet.critic.call_all("load_state", str(folder / "critic"))[0]]
     fleet.policy.get(refs, "load_state")
-    fleet.generators.run_all("update_weights", fleet.policy.call_all("named_weights")[0], step)
+    fleet.push_weights(step)
 
 
 def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_from: Path | None, recoveries: int,
@@ -351,7 +385,7 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
             # The four scoring passes run on four actors at once.
             t0 = time.perf_counter()
             refs = {"policy": fleet.policy.call_all("logprobs", rollout.batch)[0],
-                    "reference": fleet.reference.call_all("logprobs", rollout.batch)[0],
+                    "reference": fleet.reference_logprobs(rollout.batch),
                     "reward": fleet.reward.call_all("score", prompt_ids, response_ids)[0],
                     "critic": fleet.critic.call_all("values", rollout.batch)[0]}
             results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
@@ -391,9 +425,7 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
             timing["update_critic"] = critic_metrics["critic/timing_s/total"]
 
             t0 = time.perf_counter()
-            # The weights go policy -> object store -> generators without a stop in the driver.
-            weights = fleet.policy.call_all("named_weights")[0]
-            fleet.generators.run_all("update_weights", weights, step)
+            fleet.push_weights(step)
             timing["sync_weights"] = time.perf_counter() - t0
             kl_ctl.update(float(seq_kl.mean()), config.prompts_per_step * config.rollout.n)
             timing["step"] = time.perf_counter() - t_step
@@ -436,6 +468,7 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
         checkpoint = out / "checkpoint"
         fleet.policy.run_one("save", str(checkpoint))
         save_config(config, checkpoint)
+        weight_sync = "lora_adapters" if fleet.adapter_sync else ("merged_lora" if config.policy.lora else "full")
     finally:
         fleet.shutdown()
     first_eval, last_eval = state["first_eval"], state["last_eval"]
@@ -443,7 +476,8 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
                "checkpoint": str(checkpoint), "tokens_generated": state["tokens_generated"],
                "tokens_trained": state["tokens_trained"], "start": first_eval, "end": last_eval,
                "kl_coef_final": kl_ctl.value, "resumed_from": str(resume_from) if resume_from else None,
-               "recoveries": recoveries, "faults_injected": faults.killed, "nonfinite_skipped_steps": guard.skipped_steps}
+               "recoveries": recoveries, "faults_injected": faults.killed, "nonfinite_skipped_steps": guard.skipped_steps,
+               "weight_sync": weight_sync, "roles": sorted(fleet.groups())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"[eval] start {json.dumps(first_eval)}\n[eval] end   {json.dumps(last_eval)}")
     print(f"[done] {config.steps} steps; checkpoint {checkpoint}")

@@ -35,8 +35,12 @@ def cache_key(model: str, pairs: list[EncodedPair]) -> str:
 
 
 def reference_logps(reference, model: str, pairs: list[EncodedPair], pad_token_id: int, *,
-                    chunk_pairs: int = 32, cache_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Summed response log-probs under the reference for (chosen, rejected); also whether it was cached."""
+                    chunk_pairs: int = 32, cache_dir: str | Path | None = None,
+                    method: str = "logprobs") -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Summed response log-probs under the reference for (chosen, rejected); also whether it was cached.
+
+    ``method`` names the actor method: ``logprobs`` (a ReferenceActor) or ``reference_logprobs`` (a LoRA
+    policy with its adapters disabled: the same base model, so the same cache entry)."""
     folder = Path(cache_dir) if cache_dir else cache_root() / "reference_logps"
     path = folder / f"{cache_key(model, pairs)}.safetensors"
     if path.exists():
@@ -47,7 +51,7 @@ def reference_logps(reference, model: str, pairs: list[EncodedPair], pad_token_i
         chunk = pairs[start:start + chunk_pairs]
         batch = collate_pairs([p.prompt_ids for p in chunk], [p.chosen_ids for p in chunk],
                               [p.rejected_ids for p in chunk], pad_token_id)
-        sums = reference.run_one("logprobs", batch)["sum"]
+        sums = reference.run_one(method, batch)["sum"]
         chosen.append(sums[: len(chunk)])
         rejected.append(sums[len(chunk):])
     result = {"chosen": torch.cat(chosen).contiguous(), "rejected": torch.cat(rejected).contiguous()}

@@ -24,7 +24,7 @@ from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig
 from actors.reward import RewardModelActor
 from jobs.batching import EncodedPair, TokenizeConfig, encode_pairs
-from jobs.cluster import init_ray
+from jobs.cluster import TrainingRoleConfig, init_ray
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
 from jobs.faults import NonFiniteGuard
@@ -58,8 +58,13 @@ class RewardTrainConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     torch_threads: int | None = None
     address: str | None = None
+    reward: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # LoRA and memory savers
 
     def validate(self) -> None:
+        self.reward.validate("reward")
+        if self.reward.num_workers != 1 or self.reward.colocate_with:
+            raise ConfigError("reward.num_workers: the reward model trains on one actor (sharded reward-model "
+                              f"groups are not supported yet), got {self.reward.num_workers}")
         self.data.validate()
         self.tokenize.validate()
         self.optimizer.validate()
@@ -122,7 +127,8 @@ def train(config: RewardTrainConfig) -> dict:
     reward = ActorGroup(RewardModelActor, "reward", resources=ActorResources(torch_threads=config.torch_threads),
                         init_kwargs={"kind": "learned", "model": config.model, "seed": config.seed,
                                      "micro_batch_size": config.micro_batch_size,
-                                     "optimizer": dataclasses.asdict(config.optimizer)})
+                                     "optimizer": dataclasses.asdict(config.optimizer),
+                                     **config.reward.actor_options()})
     reward.wait_ready()
     steps_per_epoch, total_steps = plan_steps(len(train_enc), config.batch_size, config.epochs, config.max_steps)
     logger = MetricsLogger(out)

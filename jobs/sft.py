@@ -24,7 +24,7 @@ from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig
 from actors.policy import PolicyActor
 from jobs.batching import TokenizeConfig, encode_prompt, encode_response, fit_lengths
-from jobs.cluster import init_ray
+from jobs.cluster import TrainingRoleConfig, build_training_group, init_ray
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits, load_prompt_splits
 from jobs.faults import NonFiniteGuard
@@ -52,8 +52,10 @@ class SFTConfig:
     autocast_bf16: bool = False
     torch_threads: int | None = None
     address: str | None = None
+    policy: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # FSDP2 group, LoRA, memory savers
 
     def validate(self) -> None:
+        self.policy.validate("policy")
         self.data.validate()
         self.tokenize.validate()
         self.optimizer.validate()
@@ -121,10 +123,11 @@ def train(config: SFTConfig) -> dict:
           f"{json.dumps(report)}")
 
     init_ray(config.address, namespace=f"rayalign-{config.run_name}")
-    policy = ActorGroup(PolicyActor, "policy", resources=ActorResources(torch_threads=config.torch_threads),
-                        init_kwargs={"model": config.model, "optimizer": dataclasses.asdict(config.optimizer),
-                                     "seed": config.seed, "autocast_bf16": config.autocast_bf16,
-                                     "micro_batch_size": config.micro_batch_size})
+    policy = build_training_group(PolicyActor, "policy", config.policy,
+                                  resources=ActorResources(torch_threads=config.torch_threads), call_timeout_s=1800.0,
+                                  init_kwargs={"model": config.model, "optimizer": dataclasses.asdict(config.optimizer),
+                                               "seed": config.seed, "autocast_bf16": config.autocast_bf16,
+                                               "micro_batch_size": config.micro_batch_size})
     policy.wait_ready()
     steps_per_epoch, total_steps = plan_steps(len(train_demos), config.batch_size, config.epochs, config.max_steps)
     logger = MetricsLogger(out)
