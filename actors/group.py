@@ -18,7 +18,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 @dataclass
 class ActorResources:
     num_cpus: float = 1.0          # logical CPUs Ray reserves (the embedded cluster oversubscribes)
-    num_gpus: float | str = "auto"  # "auto": one GPU each when the cluster has GPUs, else none
+    num_gpus: float | str = "auto"  # "auto": one GPU each (or gpu_fraction) when the cluster has GPUs, else none
+    gpu_fraction: float | None = None  # with "auto" on a GPU cluster: this share of a GPU (roles colocated on one)
     torch_threads: int | None = None
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources, e.g. {"trainer": 1}
     pin_cores: bool = False        # give actor i its own block of torch_threads cores (one node, Linux)
@@ -28,7 +29,9 @@ class ActorResources:
     def resolved_gpus(self) -> float:
         if self.num_gpus != "auto":
             return float(self.num_gpus)
-        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        if ray.cluster_resources().get("GPU", 0) < 1:
+            return 0.0
+        return 1.0 if self.gpu_fraction is None else float(self.gpu_fraction)
 
 
 class ActorCallError(RuntimeError):

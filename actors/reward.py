@@ -96,13 +96,18 @@ class RewardModelActor(TrainableMixin):
     def eval_rm(self, batch: Batch, micro_batch_size: int | None = None) -> dict[str, float]:
         """Held-out preference accuracy and mean margin of the raw (unnormalised) scores."""
         self.model.eval()
-        chosen, rejected = [], []
-        for _, mb in pair_micro_batches(batch, micro_batch_size or self.micro_batch_size):
-            c, r = self._pair_scores(mb)
-            chosen.append(c.cpu())
-            rejected.append(r.cpu())
-        c, r = torch.cat(chosen), torch.cat(rejected)
-        return {"accuracy": float((c > r).float().mean()), "margin": float((c - r).mean()), "pairs": float(len(c))}
+        sums = {"correct": 0.0, "margin_sum": 0.0, "pairs": 0.0}
+        for item in self._my_share(list(pair_micro_batches(batch, micro_batch_size or self.micro_batch_size))):
+            if item is None:  # sharded group: this rank has no pairs left but must keep in step
+                self._idle_pass()
+                continue
+            c, r = self._pair_scores(item[1])
+            sums["correct"] += float((c > r).sum())
+            sums["margin_sum"] += float((c - r).sum())
+            sums["pairs"] += float(len(c))
+        sums = self._reduce_sums(sums)
+        return {"accuracy": sums["correct"] / sums["pairs"], "margin": sums["margin_sum"] / sums["pairs"],
+                "pairs": sums["pairs"]}
 
     def set_normalization(self, mean: float, std: float) -> None:
         """Stored with the model: scores of reference-policy samples then have mean 0 and std 1."""
@@ -124,11 +129,18 @@ class RewardModelActor(TrainableMixin):
             scores = torch.tensor(self.scorer(prompts, responses, response_ids), dtype=torch.float32)
         else:
             batch = collate_sequences(prompt_ids, response_ids, self.tokenizer.pad_token_id)
-            scores = torch.empty(len(prompt_ids))
-            for rows, _, mb in micro_batches(batch, self.micro_batch_size):
-                mb = {k: v.to(self.device) for k, v in mb.items()}
-                values = self.model(mb["input_ids"], mb["attention_mask"])
-                scores[rows] = values.gather(1, last_token_index(mb["attention_mask"]).unsqueeze(1)).squeeze(1).cpu()
-            if self.normalize:
-                scores = (scores - self.model.reward_mean) / self.model.reward_std
+            scores = self._score_batch(batch)["scores"]
         return {"scores": scores, "seconds": torch.tensor(time.perf_counter() - start)}
+
+    @torch.no_grad()
+    def _score_batch(self, batch: Batch, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """The learned model's (normalised) score of each collated sequence, at its last real token."""
+        self.model.eval()
+        scores = torch.empty(batch["input_ids"].shape[0])
+        for rows, _, mb in micro_batches(batch, micro_batch_size or self.micro_batch_size):
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            values = self.model(mb["input_ids"], mb["attention_mask"])
+            scores[rows] = values.gather(1, last_token_index(mb["attention_mask"]).unsqueeze(1)).squeeze(1).cpu()
+        if self.normalize:
+            scores = (scores - self.model.reward_mean) / self.model.reward_std
+        return {"scores": scores}

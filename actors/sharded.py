@@ -49,10 +49,12 @@ from typing import Any
 import ray
 import torch
 
+from actors.batch import collate_sequences
 from actors.critic import CriticActor
 from actors.group import ActorCallError, ActorGroup, ActorResources, _is_large
 from actors.optim import TRAINER_STATE
 from actors.policy import PolicyActor
+from actors.reward import RewardModelActor
 from actors.runtime import pick_device, rng_state, set_rng_state
 
 DCP_FOLDER = "dcp"                # sharded model + optimizer state, written by torch.distributed.checkpoint
@@ -407,27 +409,74 @@ class ShardedCriticActor(ShardedMixin, CriticActor):
         return self._rows_on_this_rank(super().values, batch, micro_batch_size)
 
     def save(self, path: str) -> str:
-        from safetensors.torch import save_file
-
-        from actors.value_model import HEAD_META, HEAD_WEIGHTS
-
-        weights = self._gather_full_state()
-        if self.rank == 0:
-            import json
-
-            folder = Path(path)
-            folder.mkdir(parents=True, exist_ok=True)
-            backbone = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
-            head = {k[len("head."):]: v.contiguous() for k, v in weights.items() if k.startswith("head.")}
-            self.model.backbone.save_pretrained(folder, state_dict=backbone)
-            save_file(head, str(folder / HEAD_WEIGHTS))
-            (folder / HEAD_META).write_text(json.dumps({"reward_mean": self.model.reward_mean,
-                                                        "reward_std": self.model.reward_std}))
-        _barrier()
-        return str(path)
+        return _save_scalar_head_model(self, path)
 
 
-SHARDED_CLASSES: dict[type, type] = {PolicyActor: ShardedPolicyActor, CriticActor: ShardedCriticActor}
+class ShardedRewardModelActor(ShardedMixin, RewardModelActor):
+    """One rank of an FSDP2-sharded learned reward model while it trains (``jobs.reward``). Bradley-Terry
+    steps deal the pair micro-batches to the ranks; ``score`` returns this rank's rows (combined in
+    order by the group); ``eval_rm`` sums correct pairs and margins over the ranks."""
+
+    def __init__(self, *, rank: int, world_size: int, master_addr: str, master_port: int,
+                 fsdp: FSDPConfig | dict | None = None, **kwargs):
+        if kwargs.get("kind", "learned") != "learned" or kwargs.get("optimizer") is None:
+            raise ValueError("reward: a sharded reward model (num_workers > 1) is a learned one being trained "
+                             "(kind 'learned' and an optimizer); a frozen scorer runs on one actor")
+        if kwargs.get("lora"):
+            raise ValueError("reward: LoRA is not supported with a sharded reward model (num_workers > 1) yet")
+        self._join_process_group(rank, world_size, master_addr, master_port, fsdp,
+                                 bool(kwargs.get("offload_optimizer")))
+        super().__init__(**kwargs)
+
+    def info(self) -> dict:
+        info = super().info()
+        info.update(self._describe())
+        return info
+
+    def _idle_pass(self):
+        inputs = {k: v.to(self.device) for k, v in self._idle_inputs().items()}
+        return self.model(inputs["input_ids"], inputs["attention_mask"]).sum() * 0.0, {}
+
+    @torch.no_grad()
+    def score(self, prompt_ids, response_ids) -> dict:
+        start = time.perf_counter()
+        batch = collate_sequences(prompt_ids, response_ids, self.tokenizer.pad_token_id)
+        shard = self._rows_on_this_rank(self._score_batch, batch, None)
+        if shard["result"] is not None:
+            shard["result"]["seconds"] = torch.tensor(time.perf_counter() - start)
+        return shard
+
+    def save(self, path: str) -> str:
+        return _save_scalar_head_model(self, path, tokenizer=self.tokenizer)
+
+
+def _save_scalar_head_model(actor, path: str, tokenizer=None) -> str:
+    """A sharded ScalarHeadModel (critic, reward model) as ``ScalarHeadModel.save_pretrained`` writes it:
+    the HF backbone folder, the head's safetensors and its normalisation, gathered on rank 0."""
+    from safetensors.torch import save_file
+
+    from actors.value_model import HEAD_META, HEAD_WEIGHTS
+
+    weights = actor._gather_full_state()
+    if actor.rank == 0:
+        import json
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        backbone = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
+        head = {k[len("head."):]: v.contiguous() for k, v in weights.items() if k.startswith("head.")}
+        actor.model.backbone.save_pretrained(folder, state_dict=backbone)
+        save_file(head, str(folder / HEAD_WEIGHTS))
+        (folder / HEAD_META).write_text(json.dumps({"reward_mean": actor.model.reward_mean,
+                                                    "reward_std": actor.model.reward_std}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    _barrier()
+    return str(path)
+
+
+SHARDED_CLASSES: dict[type, type] = {PolicyActor: ShardedPolicyActor, CriticActor: ShardedCriticActor,
+                                     RewardModelActor: ShardedRewardModelActor}
 
 
 # -- combining the ranks' results -----------------------------------------------------------------
@@ -647,5 +696,6 @@ def training_group(actor_cls: type, role: str, num_workers: int = 1, *, resource
 
 
 __all__ = ["FSDPConfig", "GroupPlacement", "ShardedActorGroup", "ShardedCriticActor", "ShardedPolicyActor",
+           "ShardedRewardModelActor",
            "combine_results", "decoder_layers", "load_sharded_state", "save_sharded_state",
            "training_group"]

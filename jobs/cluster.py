@@ -97,7 +97,10 @@ ROLES = ("policy", "reference", "reward", "critic", "generator", "judge")
 
 
 def check_placement(placement: dict, roles: tuple[str, ...] = ROLES, key: str = "placement") -> None:
-    """``{role: {custom_resource: amount}}``: known roles, resource names as text, amounts >= 0."""
+    """``{role: {custom_resource: amount}}``: known roles, resource names as text, amounts >= 0.
+
+    ``GPU`` is the one built-in name taken: the share of a GPU the role asks for on a GPU cluster (e.g.
+    ``{policy: {GPU: 0.5}, reference: {GPU: 0.5}}`` puts both on one device; ignored without GPUs)."""
     from jobs.config import ConfigError
 
     if not isinstance(placement, dict):
@@ -108,19 +111,25 @@ def check_placement(placement: dict, roles: tuple[str, ...] = ROLES, key: str = 
         if not isinstance(wanted, dict):
             raise ConfigError(f"{key}.{role}: expected a mapping of resource -> amount, got {wanted!r}")
         for name, amount in wanted.items():
-            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            if name in ("CPU", "memory", "object_store_memory"):
                 raise ConfigError(f"{key}.{role}.{name}: built-in resources are set elsewhere; "
-                                  "placement takes custom node resources such as 'trainer'")
+                                  "placement takes GPU (a share of a GPU) and custom node resources such as 'trainer'")
+            if name == "GPU" and (isinstance(amount, bool) or not isinstance(amount, (int, float))
+                                  or not 0 < amount <= 1):
+                raise ConfigError(f"{key}.{role}.GPU: the share of one GPU this role takes, in (0, 1]; got {amount!r}")
             if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
                 raise ConfigError(f"{key}.{role}.{name}: expected a number >= 0, got {amount!r}")
 
 
 def role_resources(base: ActorResources, placement: dict, role: str) -> ActorResources:
-    """``base`` plus the custom node resources ``placement`` asks for ``role`` (pins it to such nodes)."""
+    """``base`` plus the custom node resources ``placement`` asks for ``role`` (pins it to such nodes),
+    and its GPU share where given."""
     wanted = {name: float(amount) for name, amount in (placement.get(role) or {}).items()}
     if not wanted:
         return base
-    return dataclasses.replace(base, resources={**base.resources, **wanted})
+    gpu = wanted.pop("GPU", None)
+    resources = dataclasses.replace(base, resources={**base.resources, **wanted})
+    return resources if gpu is None else dataclasses.replace(resources, gpu_fraction=gpu)
 
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")

@@ -117,6 +117,9 @@ class PPOConfig:
     def validate(self) -> None:
         self.policy.validate("policy")
         self.critic.validate("critic", ("policy",))
+        if self.critic.colocate_with == "policy" and self.policy.num_workers < 2:
+            raise ConfigError("critic.colocate_with: policy needs a sharded policy (policy.num_workers >= 2) whose "
+                              f"placement group the critic can share; policy.num_workers is {self.policy.num_workers}")
         self.checkpoint.validate()
         self.faults.validate()
         self.data.validate()

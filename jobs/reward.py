@@ -24,7 +24,7 @@ from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig
 from actors.reward import RewardModelActor
 from jobs.batching import EncodedPair, TokenizeConfig, encode_pairs
-from jobs.cluster import TrainingRoleConfig, init_ray
+from jobs.cluster import TrainingRoleConfig, build_training_group, init_ray
 from jobs.config import ConfigError, check_model, run_cli, save_config
 from jobs.data_source import DataConfig, load_pair_splits
 from jobs.faults import NonFiniteGuard
@@ -58,13 +58,10 @@ class RewardTrainConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     torch_threads: int | None = None
     address: str | None = None
-    reward: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # LoRA and memory savers
+    reward: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # FSDP2 group, LoRA, memory savers
 
     def validate(self) -> None:
-        self.reward.validate("reward")
-        if self.reward.num_workers != 1 or self.reward.colocate_with:
-            raise ConfigError("reward.num_workers: the reward model trains on one actor (sharded reward-model "
-                              f"groups are not supported yet), got {self.reward.num_workers}")
+        self.reward.validate("reward")  # colocate_with: no other role here to share with
         self.data.validate()
         self.tokenize.validate()
         self.optimizer.validate()
@@ -124,38 +121,40 @@ def train(config: RewardTrainConfig) -> dict:
     print(f"[data] {len(train_enc)} train / {len(eval_enc)} eval pairs; {json.dumps(report)}; tokenize {json.dumps(counts)}")
 
     init_ray(config.address, namespace=f"rayalign-{config.run_name}")
-    reward = ActorGroup(RewardModelActor, "reward", resources=ActorResources(torch_threads=config.torch_threads),
-                        init_kwargs={"kind": "learned", "model": config.model, "seed": config.seed,
-                                     "micro_batch_size": config.micro_batch_size,
-                                     "optimizer": dataclasses.asdict(config.optimizer),
-                                     **config.reward.actor_options()})
-    reward.wait_ready()
-    steps_per_epoch, total_steps = plan_steps(len(train_enc), config.batch_size, config.epochs, config.max_steps)
-    logger = MetricsLogger(out)
-    first_eval = evaluate(reward, eval_enc, pad_id, config.micro_batch_size)
-    logger.log(0, first_eval)
-    batches = ShuffledBatches(len(train_enc), config.batch_size, config.seed)
-    start_all = time.perf_counter()
-    loop = supervised_steps(
-        desc="reward", total_steps=total_steps, steps_per_epoch=steps_per_epoch, batches=batches,
-        train_step=lambda index, _step: reward.run_one("train_rm", _batch([train_enc[i] for i in index], pad_id),
-                                                config.margin, config.micro_batch_size),
-        evaluate=(lambda: evaluate(reward, eval_enc, pad_id, config.micro_batch_size)) if eval_enc else None,
-        eval_every=config.eval_every, logger=logger, guard=NonFiniteGuard(), postfix={"loss": ("loss", ".4f"), "acc": ("accuracy", ".2f")})
-    tokens_trained, last_eval = loop.tokens, loop.last_eval or first_eval
-    logger.close()
+    reward = build_training_group(RewardModelActor, "reward", config.reward,
+                                  resources=ActorResources(torch_threads=config.torch_threads), call_timeout_s=1800.0,
+                                  init_kwargs={"kind": "learned", "model": config.model, "seed": config.seed,
+                                               "micro_batch_size": config.micro_batch_size,
+                                               "optimizer": dataclasses.asdict(config.optimizer)})
+    try:
+        reward.wait_ready()
+        steps_per_epoch, total_steps = plan_steps(len(train_enc), config.batch_size, config.epochs, config.max_steps)
+        logger = MetricsLogger(out)
+        first_eval = evaluate(reward, eval_enc, pad_id, config.micro_batch_size)
+        logger.log(0, first_eval)
+        batches = ShuffledBatches(len(train_enc), config.batch_size, config.seed)
+        start_all = time.perf_counter()
+        loop = supervised_steps(
+            desc="reward", total_steps=total_steps, steps_per_epoch=steps_per_epoch, batches=batches,
+            train_step=lambda index, _step: reward.run_one("train_rm", _batch([train_enc[i] for i in index], pad_id),
+                                                    config.margin, config.micro_batch_size),
+            evaluate=(lambda: evaluate(reward, eval_enc, pad_id, config.micro_batch_size)) if eval_enc else None,
+            eval_every=config.eval_every, logger=logger, guard=NonFiniteGuard(), postfix={"loss": ("loss", ".4f"), "acc": ("accuracy", ".2f")})
+        tokens_trained, last_eval = loop.tokens, loop.last_eval or first_eval
+        logger.close()
 
-    normalization = {}
-    if config.normalize.enabled:
-        prompts = [list(p) for p in sorted({tuple(p.prompt_ids) for p in train_enc})]
-        random.Random(config.seed).shuffle(prompts)
-        normalization = normalization_from_policy(reward, config, prompts)
-        print(f"[normalize] reference-policy samples: mean {normalization['reward_mean']:+.4f}, "
-              f"std {normalization['reward_std']:.4f} over {normalization['samples']} samples")
-    checkpoint = out / "checkpoint"
-    reward.run_one("save", str(checkpoint))
-    save_config(config, checkpoint)
-    reward.shutdown()
+        normalization = {}
+        if config.normalize.enabled:
+            prompts = [list(p) for p in sorted({tuple(p.prompt_ids) for p in train_enc})]
+            random.Random(config.seed).shuffle(prompts)
+            normalization = normalization_from_policy(reward, config, prompts)
+            print(f"[normalize] reference-policy samples: mean {normalization['reward_mean']:+.4f}, "
+                  f"std {normalization['reward_std']:.4f} over {normalization['samples']} samples")
+        checkpoint = out / "checkpoint"
+        reward.run_one("save", str(checkpoint))
+        save_config(config, checkpoint)
+    finally:  # a sharded group also holds a placement group: never leave it behind
+        reward.shutdown()
     summary = {"steps": total_steps, "train_pairs": len(train_enc), "eval_pairs": len(eval_enc),
                "tokens_trained": tokens_trained, "wall_s": time.perf_counter() - start_all,
                "checkpoint": str(checkpoint), "start": first_eval, "end": last_eval, "normalization": normalization}

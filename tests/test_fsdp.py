@@ -273,6 +273,43 @@ def test_sharded_critic_colocated_with_the_policy_matches_a_plain_critic(pair, t
     assert policy.placement.group is not None  # the policy still holds the shared placement group
 
 
+def test_sharded_reward_model_matches_a_plain_one(ray_cluster, tiny_tokenizer, tmp_path):
+    """Bradley-Terry steps, held-out accuracy/margin and per-row scores of a 2-rank reward model equal a
+    single actor's; its saved folder loads as a ScalarHeadModel that scores the same."""
+    from actors.reward import RewardModelActor
+    from actors.value_model import ScalarHeadModel, last_token_index
+
+    kwargs = {"kind": "learned", "model": "tiny", "micro_batch_size": 2, "optimizer": {"lr": 1e-3},
+              "normalize": False}
+    plain = training_group(RewardModelActor, "plain-rm", 1, resources=ONE_THREAD, init_kwargs=kwargs)
+    sharded = training_group(RewardModelActor, "fsdp-rm", 2, resources=ONE_THREAD, init_kwargs=kwargs, fsdp=FSDP,
+                             call_timeout_s=300)
+    try:
+        plain.wait_ready()
+        assert [i["rank"] for i in sharded.wait_ready()] == [0, 1]
+        batch = _pairs(tiny_tokenizer, 3)  # 2 pair micro-batches of 2 and 1: rank 1 has one, rank 0 one
+        for _ in range(2):
+            _assert_metrics_close(plain.run_one("train_rm", batch), sharded.run_one("train_rm", batch))
+        eval_batch = _pairs(tiny_tokenizer, 4)
+        _assert_metrics_close(plain.run_one("eval_rm", eval_batch), sharded.run_one("eval_rm", eval_batch))
+        prompts = [tiny_tokenizer("The film was")["input_ids"]] * 5
+        responses = [tiny_tokenizer(t)["input_ids"] for t in [" good", " bad", " fine, I suppose", " meh", " wow"]]
+        want = plain.run_one("score", prompts, responses)["scores"]
+        got = sharded.run_one("score", prompts, responses)["scores"]
+        assert got.shape == (5,) and float((got - want).abs().max()) < ATOL
+        folder = sharded.run_one("save", str(tmp_path / "rm"))
+        reloaded = ScalarHeadModel.from_pretrained(folder).eval()
+        seqs = collate_sequences(prompts, responses, tiny_tokenizer.pad_token_id)
+        with torch.no_grad():
+            values = reloaded(seqs["input_ids"], seqs["attention_mask"])
+        last = values.gather(1, last_token_index(seqs["attention_mask"]).unsqueeze(1)).squeeze(1)
+        assert float((last - got).abs().max()) < ATOL
+        assert (tmp_path / "rm" / "tokenizer.json").exists()
+    finally:
+        sharded.shutdown()
+        plain.shutdown()
+
+
 def test_a_dead_rank_fails_the_call_at_once_and_shutdown_cleans_up(ray_cluster, tiny_tokenizer):
     import time
 

@@ -390,11 +390,24 @@ def test_dpo_placement_config_pins_roles_to_custom_resources():
     assert role_resources(base, config.placement, "critic") is base
     for override, key in (("placement.critic.trainer=1", "placement.critic"),
                           ("placement.policy.trainer=-1", "placement.policy.trainer"),
-                          ("placement.policy.GPU=1", "placement.policy.GPU"),
+                          ("placement.policy.GPU=1.5", "placement.policy.GPU"),
+                          ("placement.policy.GPU=0", "placement.policy.GPU"),
+                          ("placement.policy.CPU=1", "placement.policy.CPU"),
                           ("placement.policy=3", "placement.policy")):
         with pytest.raises(ConfigError, match=re.escape(key)):
             build_config(DPOConfig, "dpo_tiny", [override])
     check_placement({"generator": {"inference": 1}})  # every platform role is accepted by default
+    # A GPU share colocates roles on one device on a GPU cluster; it is not a custom resource.
+    shared = build_config(DPOConfig, "dpo_tiny", ["placement.policy.GPU=0.5", "placement.reference.GPU=0.5"])
+    policy = role_resources(base, shared.placement, "policy")
+    assert policy.gpu_fraction == 0.5 and policy.resources == {"zone_a": 1}
+
+
+def test_gpu_share_is_ignored_on_a_cluster_without_gpus(ray_cluster):
+    from actors.group import ActorResources
+
+    assert ActorResources(gpu_fraction=0.5).resolved_gpus() == 0.0  # this machine: no GPUs
+    assert ActorResources(num_gpus=0.25, gpu_fraction=0.5).resolved_gpus() == 0.25  # explicit wins
 
 
 def test_script_token_command_makes_a_private_file_and_never_prints_the_token(tmp_path):

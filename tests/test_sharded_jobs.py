@@ -60,6 +60,22 @@ def test_ppo_with_sharded_policy_and_colocated_critic_matches_one_worker(ray_clu
     assert summary["steps"] == 2
 
 
+def test_reward_model_on_two_fsdp_workers_matches_one_worker(ray_cluster, tmp_path):
+    from jobs.reward import RewardTrainConfig
+    from jobs.reward import train as train_reward
+
+    args = [f"output_dir={tmp_path}", "max_steps=4", "eval_every=2", "normalize.num_prompts=4"]
+    one = train_reward(build_config(RewardTrainConfig, "reward_tiny", [*args, "run_name=one"]))
+    two = train_reward(build_config(RewardTrainConfig, "reward_tiny", [*args, "run_name=two", "reward.num_workers=2"]))
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    for step in (1, 2, 3, 4):
+        for key in ("loss", "accuracy", "reward/chosen", "reward/rejected", "grad_norm"):
+            assert _close(a[step][key], b[step][key]), (step, key, a[step][key], b[step][key])
+    assert _close(a[4]["eval/accuracy"], b[4]["eval/accuracy"]) and _close(a[4]["eval/margin"], b[4]["eval/margin"])
+    for key in ("reward_mean", "reward_std"):  # normalisation scores gathered from both ranks, in order
+        assert _close(one["normalization"][key], two["normalization"][key]), key
+
+
 def test_bad_layout_is_rejected_naming_the_key():
     with pytest.raises(ConfigError, match="policy.num_workers must be >= 1"):
         build_config(DPOConfig, "dpo_tiny", ["policy.num_workers=0"])
