@@ -144,6 +144,11 @@ class ShardedMixin:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+    def info(self) -> dict:
+        info = super().info()
+        info.update(self._describe())
+        return info
+
     def _describe(self) -> dict:
         return {"rank": self.rank, "world_size": self.world_size, "backend": self.backend,
                 "sharded_layers": self.sharded_layers, "cpu_offload": self.cpu_offload,
@@ -352,11 +357,6 @@ class ShardedPolicyActor(ShardedMixin, PolicyActor):
                                  bool(kwargs.get("offload_optimizer")))
         super().__init__(model, **kwargs)  # loads the model; its setup_optimizer call shards it first
 
-    def info(self) -> dict:
-        info = super().info()
-        info.update(self._describe())
-        return info
-
     def _idle_pass(self):
         logits = self._logits(self._idle_inputs())
         return logits.float().sum() * 0.0, {}
@@ -384,7 +384,15 @@ class ShardedPolicyActor(ShardedMixin, PolicyActor):
         return str(path)
 
 
-class ShardedCriticActor(ShardedMixin, CriticActor):
+class _ShardedScalarHead(ShardedMixin):
+    """The sharded ScalarHeadModel roles' shared part (critic, reward model): their idle pass."""
+
+    def _idle_pass(self):
+        inputs = {k: v.to(self.device) for k, v in self._idle_inputs().items()}
+        return self.model(inputs["input_ids"], inputs["attention_mask"]).sum() * 0.0, {}
+
+
+class ShardedCriticActor(_ShardedScalarHead, CriticActor):
     """One rank of an FSDP2-sharded critic (value model)."""
 
     def __init__(self, model: str, *, rank: int, world_size: int, master_addr: str, master_port: int,
@@ -395,15 +403,6 @@ class ShardedCriticActor(ShardedMixin, CriticActor):
                                  bool(kwargs.get("offload_optimizer")))
         super().__init__(model, **kwargs)
 
-    def info(self) -> dict:
-        info = super().info()
-        info.update(self._describe())
-        return info
-
-    def _idle_pass(self):
-        inputs = {k: v.to(self.device) for k, v in self._idle_inputs().items()}
-        return self.model(inputs["input_ids"], inputs["attention_mask"]).sum() * 0.0, {}
-
     @torch.no_grad()
     def values(self, batch, micro_batch_size: int | None = None) -> dict:
         return self._rows_on_this_rank(super().values, batch, micro_batch_size)
@@ -412,7 +411,7 @@ class ShardedCriticActor(ShardedMixin, CriticActor):
         return _save_scalar_head_model(self, path)
 
 
-class ShardedRewardModelActor(ShardedMixin, RewardModelActor):
+class ShardedRewardModelActor(_ShardedScalarHead, RewardModelActor):
     """One rank of an FSDP2-sharded learned reward model while it trains (``jobs.reward``). Bradley-Terry
     steps deal the pair micro-batches to the ranks; ``score`` returns this rank's rows (combined in
     order by the group); ``eval_rm`` sums correct pairs and margins over the ranks."""
@@ -427,15 +426,6 @@ class ShardedRewardModelActor(ShardedMixin, RewardModelActor):
         self._join_process_group(rank, world_size, master_addr, master_port, fsdp,
                                  bool(kwargs.get("offload_optimizer")))
         super().__init__(**kwargs)
-
-    def info(self) -> dict:
-        info = super().info()
-        info.update(self._describe())
-        return info
-
-    def _idle_pass(self):
-        inputs = {k: v.to(self.device) for k, v in self._idle_inputs().items()}
-        return self.model(inputs["input_ids"], inputs["attention_mask"]).sum() * 0.0, {}
 
     @torch.no_grad()
     def score(self, prompt_ids, response_ids) -> dict:
