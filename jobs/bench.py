@@ -44,6 +44,47 @@ def matmul_gflops(size: int = 1024, dtype: torch.dtype = torch.float32, seconds:
     return 2 * size**3 * count / elapsed / 1e9
 
 
+_SCALING_PROBE = """
+import sys, time, torch
+torch.set_num_threads(1)
+if sys.argv[2] == "stream":  # 512 MiB read from memory on every pass, as decoding reads the weights
+    x = torch.randn(2**27)
+    op, work = x.sum, x.numel() * 4
+else:  # a matmul whose operands stay in cache: compute-bound
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    op, work = (lambda: a @ b), 2 * 256**3
+op()
+n, start = 0, time.perf_counter()
+while time.perf_counter() - start < float(sys.argv[1]):
+    op()
+    n += 1
+print(work * n / (time.perf_counter() - start) / 1e9)
+"""
+
+
+def core_scaling(seconds: float = 5.0) -> dict:
+    """How this machine scales from one busy core to two, for memory-bound and compute-bound work: a
+    single-threaded probe pinned to core 0, then two at once on cores 0 and 1 (Linux; two cores).
+
+    ``stream`` reads 512 MiB per pass (GB/s), as decoding reads every weight per step; ``matmul``
+    stays in cache (GFLOPS). Two generators can scale no better than ``stream`` for the part of a
+    step that is bandwidth-bound, and no better than ``matmul`` for the rest."""
+    import subprocess
+    import sys
+
+    def run(kind: str, cores: list[int]) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, "-c", _SCALING_PROBE, str(seconds), kind], stdout=subprocess.PIPE,
+                                  text=True, preexec_fn=lambda c=core: os.sched_setaffinity(0, {c}))
+                 for core in cores]
+        return [float(p.communicate()[0].strip()) for p in procs]
+
+    result = {}
+    for kind in ("stream", "matmul"):
+        one, two = run(kind, [0]), run(kind, [0, 1])
+        result[kind] = {"one_core": one[0], "two_cores": two, "scaling_2_vs_1": sum(two) / one[0]}
+    return result
+
+
 def machine_facts() -> dict:
     return {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": py_platform.python_version(),
             "processor": py_platform.processor() or py_platform.machine(),
@@ -120,6 +161,9 @@ def bench_generate(args) -> dict:
         if (b, 1) in by_key and (b, 2) in by_key:
             ratios[f"scale_out_2_vs_1_{b}"] = by_key[(b, 2)] / by_key[(b, 1)]
     first = configs[0]
+    scaling = core_scaling() if args.pin_cores and 2 in counts and (os.cpu_count() or 1) >= 2 else None
+    if scaling:
+        ratios.update({f"machine_{kind}_2_vs_1_cores": v["scaling_2_vs_1"] for kind, v in scaling.items()})
     return {"benchmark": "generate", "backend": first["backend"], "model": args.model, "dtype": args.dtype,
             "prompts": args.prompts, "max_new_tokens": args.new_tokens,
             "torch_threads": first["torch_threads_per_generator"], "runs": first["runs"],
@@ -127,6 +171,7 @@ def bench_generate(args) -> dict:
             "engine_start_s": first["engine_start_s"], "configurations": configs, "ratios": ratios,
             "targets": {"vllm_vs_hf": 1.3, "scale_out_2_vs_1": 1.7},
             "matmul_gflops_fp32": matmul_gflops(threads=first["torch_threads_per_generator"]),
+            "core_scaling": scaling,
             "load_average_1m": os.getloadavg()[0], "machine": machine_facts()}
 
 
