@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from jobs.bench_ppo import add_parser as add_ppo_parser
-from jobs.bench_ppo import bench_ppo
+from jobs.benchmarks.ppo import add_parser as add_ppo_parser
+from jobs.benchmarks.ppo import bench_ppo
 
 
 def matmul_gflops(size: int = 1024, dtype: torch.dtype = torch.float32, seconds: float = 2.0,
@@ -146,7 +146,7 @@ def _generation_config(args, backend: str, generators: int) -> dict:
 def bench_generate(args) -> dict:
     """Each --backend x each --num-generators on the same prompts; ratios when both ends were run."""
     from actors.generation import resolve_backend
-    from jobs.cluster import init_ray
+    from jobs.run.cluster import init_ray
 
     init_ray(args.address)
     backends = [resolve_backend(b.strip()) for b in args.backend.split(",")]
@@ -195,7 +195,7 @@ def bench_dpo(args) -> dict:
 
     from actors.group import ActorGroup, ActorResources
     from actors.policy import PolicyActor
-    from jobs.cluster import init_ray
+    from jobs.run.cluster import init_ray
 
     threads = args.threads or os.cpu_count() or 1
     pairs = args.sequences // 2

@@ -13,8 +13,8 @@ from actors.generation import GenerationActor, SamplingConfig, generate_sharded
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.reward import RewardModelActor
-from jobs.batching import TokenizeConfig, encode_prompt
-from jobs.cluster import init_ray
+from jobs.run.batching import TokenizeConfig, encode_prompt
+from jobs.run.cluster import init_ray
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -350,16 +350,16 @@ def gpu_figures(requests: list[Request], limit_gib: float) -> dict:
 
 
 def estimate(preset: str, gpu_gib: float = GPU_GIB) -> dict:
-    from jobs.config import build_config, load_preset
+    from jobs.run.config import build_config, load_preset
 
     raw = load_preset(preset)
     if {"rollout", "ppo", "critic"} & set(raw):
-        from jobs.ppo import PPOConfig
+        from jobs.drivers.ppo import PPOConfig
 
         driver, config = "jobs.ppo", build_config(PPOConfig, preset)
         requests = ppo_requests(config, gpu_gib)
     else:
-        from jobs.dpo import DPOConfig
+        from jobs.drivers.dpo import DPOConfig
 
         driver, config = "jobs.dpo", build_config(DPOConfig, preset)
         requests = dpo_requests(config)
@@ -406,7 +406,7 @@ def render(result: dict) -> str:
 
 
 def gpu_presets() -> list[str]:
-    from jobs.config import PRESETS
+    from jobs.run.config import PRESETS
 
     return sorted(p.stem for p in PRESETS.glob("gpu_*.yaml"))
 

@@ -15,7 +15,7 @@ def ray_cluster():
     """A local cluster started by this session and stopped by it (never someone else's)."""
     import ray
 
-    from jobs.cluster import init_ray
+    from jobs.run.cluster import init_ray
 
     if ray.is_initialized():
         yield ray

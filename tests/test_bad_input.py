@@ -14,16 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import best_of_n, dpo, ppo, reward, sft
-from jobs.batching import OverlongError, TokenizeConfig, encode_pairs
-from jobs.best_of_n import BestOfNConfig
-from jobs.config import ConfigError, build_config, run_cli
+from jobs.drivers import best_of_n, dpo, ppo, reward, sft
+from jobs.run.batching import OverlongError, TokenizeConfig, encode_pairs
+from jobs.drivers.best_of_n import BestOfNConfig
+from jobs.run.config import ConfigError, build_config, run_cli
 from jobs.data import DataError, load_preference_pairs
-from jobs.data_source import DataConfig, load_pair_splits
-from jobs.dpo import DPOConfig
-from jobs.ppo import PPOConfig
-from jobs.reward import RewardTrainConfig
-from jobs.sft import SFTConfig
+from jobs.data.source import DataConfig, load_pair_splits
+from jobs.drivers.dpo import DPOConfig
+from jobs.drivers.ppo import PPOConfig
+from jobs.drivers.reward import RewardTrainConfig
+from jobs.drivers.sft import SFTConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOOD = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad answer {i}."} for i in range(3)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.batching import OverlongError, TokenizeConfig, encode_pairs, encode_prompt, encode_response, fit_lengths
+from jobs.run.batching import OverlongError, TokenizeConfig, encode_pairs, encode_prompt, encode_response, fit_lengths
 from jobs.data import PreferencePair
 
 

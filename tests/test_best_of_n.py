@@ -58,15 +58,15 @@ def test_subset_estimator_endpoints_and_weights():
 
 
 def test_cli_shorthands_become_overrides():
-    from jobs.best_of_n import _flags_to_overrides
+    from jobs.drivers.best_of_n import _flags_to_overrides
 
     assert _flags_to_overrides(["--preset", "best_of_n_tiny", "--num-generators", "2", "--max-n=8", "seed=3"]) == [
         "--preset", "best_of_n_tiny", "num_generators=2", "max_n=8", "seed=3"]
 
 
 def test_bad_best_of_n_config_is_rejected_naming_the_key():
-    from jobs.best_of_n import BestOfNConfig
-    from jobs.config import ConfigError, build_config
+    from jobs.drivers.best_of_n import BestOfNConfig
+    from jobs.run.config import ConfigError, build_config
 
     for override, key in [("max_n=0", "max_n"), ("backend=tpu", "backend"), ("reward.kind=learned", "reward.model"),
                           ("temperature=0", "temperature"), ("split=test", "split")]:
@@ -100,8 +100,8 @@ def test_a_lost_generator_shard_is_rerun_on_a_survivor(ray_cluster, tiny_tokeniz
 
 @pytest.mark.slow
 def test_best_of_n_job_on_the_tiny_model(ray_cluster, tmp_path):
-    from jobs.best_of_n import BestOfNConfig, train
-    from jobs.config import build_config
+    from jobs.drivers.best_of_n import BestOfNConfig, train
+    from jobs.run.config import build_config
 
     config = build_config(BestOfNConfig, "best_of_n_tiny", [f"output_dir={tmp_path}", "num_prompts=6", "max_n=8"])
     summary = train(config)

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from actors.scorers import build_scorer
-from jobs.compare import CompareConfig, run_experiment
-from jobs.config import ConfigError, build_config
-from jobs.preference_data import label_pairs
-from jobs.report import compute_matched
+from jobs.drivers.compare import CompareConfig, run_experiment
+from jobs.run.config import ConfigError, build_config
+from jobs.experiment.preference_data import label_pairs
+from jobs.experiment.report import compute_matched
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +124,12 @@ def test_every_compare_preset_and_its_stage_configs_validate(preset):
     them, are checked exactly as a run would check them before starting any actor."""
     import dataclasses
 
-    from jobs.best_of_n import BestOfNConfig
-    from jobs.compare import _job_config
-    from jobs.dpo import DPOConfig
-    from jobs.ppo import PPOConfig
-    from jobs.reward import RewardTrainConfig
-    from jobs.sft import SFTConfig
+    from jobs.drivers.best_of_n import BestOfNConfig
+    from jobs.drivers.compare import _job_config
+    from jobs.drivers.dpo import DPOConfig
+    from jobs.drivers.ppo import PPOConfig
+    from jobs.drivers.reward import RewardTrainConfig
+    from jobs.drivers.sft import SFTConfig
 
     config = build_config(CompareConfig, preset)
     pairs = {"train": "jsonl:pairs.jsonl", "eval_fraction": 0.1}

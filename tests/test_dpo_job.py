@@ -7,8 +7,8 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from jobs.config import ConfigError, build_config
-from jobs.dpo import DPOConfig, train
+from jobs.run.config import ConfigError, build_config
+from jobs.drivers.dpo import DPOConfig, train
 
 # Recorded from a run of the dpo_tiny preset (seed 0): the training-curve regression check.
 RECORDED_LOSSES = [0.6931, 0.6494, 0.6176, 0.6228, 0.5645, 0.4899, 0.4429, 0.4212, 0.3669, 0.3693]

@@ -14,12 +14,12 @@ import re
 import pytest
 import torch
 
-from jobs.cluster import TrainingRoleConfig
-from jobs.config import PRESETS, build_config
-from jobs.dpo import DPOConfig
+from jobs.run.cluster import TrainingRoleConfig
+from jobs.run.config import PRESETS, build_config
+from jobs.drivers.dpo import DPOConfig
 from jobs.memory_estimate import (ARCHITECTURES, GIB, Arch, Request, activation_bytes, activation_parts, architecture,
                                   entry, estimate, gpu_figures, gpu_presets, main, pack, trainable_role)
-from jobs.ppo import PPOConfig
+from jobs.drivers.ppo import PPOConfig
 
 GPU_PRESETS = gpu_presets()
 
@@ -145,7 +145,7 @@ def test_ppo_on_one_gpu_packs_every_role():
 def test_a_cpu_eval_scorer_takes_the_judge_share_not_another_gpu(name, tmp_path):
     import yaml
 
-    from jobs.config import load_preset
+    from jobs.run.config import load_preset
 
     raw = load_preset(name)
     path = tmp_path / f"{name}.yaml"

@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from jobs.config import ConfigError, build_config
-from jobs.dpo import DPOConfig
-from jobs.dpo import train as train_dpo
-from jobs.ppo import PPOConfig
-from jobs.ppo import train as train_ppo
+from jobs.run.config import ConfigError, build_config
+from jobs.drivers.dpo import DPOConfig
+from jobs.drivers.dpo import train as train_dpo
+from jobs.drivers.ppo import PPOConfig
+from jobs.drivers.ppo import train as train_ppo
 
 pytestmark = pytest.mark.slow
 LORA = "policy.lora={r: 8, alpha: 16}"

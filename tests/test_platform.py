@@ -29,9 +29,9 @@ import pytest
 import requests
 import yaml
 
-from jobs.cluster import check_placement, driver_env_vars, role_resources, secure_token_file
-from jobs.config import ConfigError, build_config
-from jobs.metrics import MetricsLogger, metric_name
+from jobs.run.cluster import check_placement, driver_env_vars, role_resources, secure_token_file
+from jobs.run.config import ConfigError, build_config
+from jobs.run.metrics import MetricsLogger, metric_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "platform" / "local_cluster.sh"
@@ -223,7 +223,7 @@ def test_dashboard_refuses_job_submission_without_the_token(cluster):
 @pytest.mark.slow
 def test_drivers_with_a_wrong_token_cannot_connect(cluster):
     """Token auth covers the GCS too, not only the dashboard: a driver with the wrong token is refused."""
-    probe = "from jobs.cluster import init_ray\ninit_ray()\nprint('connected')"
+    probe = "from jobs.run.cluster import init_ray\ninit_ray()\nprint('connected')"
     env = cluster.client_env(RAY_ADDRESS=cluster.gcs, RAY_AUTH_TOKEN="0" * 64)
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
@@ -278,8 +278,8 @@ def test_metrics_logger_exports_exact_values_while_the_run_lives(cluster, tmp_pa
     stop = tmp_path / "stop"
     probe = (
         "import sys, time, pathlib\n"
-        "from jobs.cluster import init_ray\n"
-        "from jobs.metrics import MetricsLogger\n"
+        "from jobs.run.cluster import init_ray\n"
+        "from jobs.run.metrics import MetricsLogger\n"
         "init_ray()\n"
         f"logger = MetricsLogger({str(tmp_path / run)!r}, tensorboard=False)\n"
         "logger.log(7, {'loss': 0.4242, 'actor/pg_loss': -0.125, 'timing_s/step': 1.5, 'bad': float('nan')})\n"
@@ -381,7 +381,7 @@ def test_embedded_cluster_token_file_is_private(tmp_path, monkeypatch):
 
 def test_dpo_placement_config_pins_roles_to_custom_resources():
     from actors.group import ActorResources
-    from jobs.dpo import DPOConfig
+    from jobs.drivers.dpo import DPOConfig
 
     config = build_config(DPOConfig, "dpo_tiny", ["placement.policy.trainer=1", "placement.reference.inference=0.5"])
     assert config.placement == {"policy": {"trainer": 1}, "reference": {"inference": 0.5}}

@@ -7,8 +7,8 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from jobs.config import ConfigError, build_config
-from jobs.ppo import PPOConfig, train
+from jobs.run.config import ConfigError, build_config
+from jobs.drivers.ppo import PPOConfig, train
 
 PPO_METRICS = ("actor/pg_loss", "actor/pg_clipfrac", "actor/approx_kl", "actor/entropy", "critic/vf_loss",
                "critic/vf_clipfrac", "critic/vf_explained_var", "reward/score_mean", "reward/kl_penalty",

@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from actors.group import ActorCallError
-from jobs.checkpoint import CheckpointWriter, list_checkpoints, load_driver_state, read_manifest, resolve_resume
-from jobs.config import ConfigError, build_config
-from jobs.dpo import DPOConfig
-from jobs.dpo import train as train_dpo
-from jobs.faults import FaultConfig, NonFiniteAbort, NonFiniteGuard
-from jobs.ppo import PPOConfig
-from jobs.ppo import train as train_ppo
-from jobs.sampler import ShuffledBatches
+from jobs.run.checkpoint import CheckpointWriter, list_checkpoints, load_driver_state, read_manifest, resolve_resume
+from jobs.run.config import ConfigError, build_config
+from jobs.drivers.dpo import DPOConfig
+from jobs.drivers.dpo import train as train_dpo
+from jobs.run.faults import FaultConfig, NonFiniteAbort, NonFiniteGuard
+from jobs.drivers.ppo import PPOConfig
+from jobs.drivers.ppo import train as train_ppo
+from jobs.run.sampler import ShuffledBatches
 
 VOLATILE = ("timing_s/", "perf/")  # wall-clock measurements differ between any two runs
 

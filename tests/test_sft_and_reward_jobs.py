@@ -13,13 +13,13 @@ from actors.critic import CriticActor
 from actors.policy import PolicyActor
 from actors.reward import RewardModelActor
 from actors.value_model import ScalarHeadModel
-from jobs.config import ConfigError, build_config
-from jobs.ppo import PPOConfig
-from jobs.ppo import train as train_ppo
-from jobs.reward import RewardTrainConfig
-from jobs.reward import train as train_reward
-from jobs.sft import SFTConfig
-from jobs.sft import train as train_sft
+from jobs.run.config import ConfigError, build_config
+from jobs.drivers.ppo import PPOConfig
+from jobs.drivers.ppo import train as train_ppo
+from jobs.drivers.reward import RewardTrainConfig
+from jobs.drivers.reward import train as train_reward
+from jobs.drivers.sft import SFTConfig
+from jobs.drivers.sft import train as train_sft
 
 
 def _rows(folder):

@@ -8,11 +8,11 @@ import math
 
 import pytest
 
-from jobs.config import ConfigError, build_config
-from jobs.dpo import DPOConfig
-from jobs.dpo import train as train_dpo
-from jobs.ppo import PPOConfig
-from jobs.ppo import train as train_ppo
+from jobs.run.config import ConfigError, build_config
+from jobs.drivers.dpo import DPOConfig
+from jobs.drivers.dpo import train as train_dpo
+from jobs.drivers.ppo import PPOConfig
+from jobs.drivers.ppo import train as train_ppo
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +61,8 @@ def test_ppo_with_sharded_policy_and_colocated_critic_matches_one_worker(ray_clu
 
 
 def test_reward_model_on_two_fsdp_workers_matches_one_worker(ray_cluster, tmp_path):
-    from jobs.reward import RewardTrainConfig
-    from jobs.reward import train as train_reward
+    from jobs.drivers.reward import RewardTrainConfig
+    from jobs.drivers.reward import train as train_reward
 
     args = [f"output_dir={tmp_path}", "max_steps=4", "eval_every=2", "normalize.num_prompts=4"]
     one = train_reward(build_config(RewardTrainConfig, "reward_tiny", [*args, "run_name=one"]))

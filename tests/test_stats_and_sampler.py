@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.sampler import ShuffledBatches, plan_steps
-from jobs.stats import bootstrap_ci
+from jobs.run.sampler import ShuffledBatches, plan_steps
+from jobs.experiment.stats import bootstrap_ci
 
 
 def test_bootstrap_ci_matches_a_direct_resampling_loop():

@@ -101,8 +101,8 @@ def test_backend_names_resolve(backend):
 
 def test_unknown_backend_and_misplaced_options_are_rejected():
     from actors.generation import resolve_backend
-    from jobs.config import ConfigError, build_config
-    from jobs.ppo import PPOConfig
+    from jobs.run.config import ConfigError, build_config
+    from jobs.drivers.ppo import PPOConfig
 
     with pytest.raises(ValueError, match="generation backend must be one of"):
         resolve_backend("tpu")
@@ -231,8 +231,8 @@ class TestVLLMGenerators:
 @pytest.mark.slow
 @needs_vllm
 def test_ppo_rolls_out_on_vllm_with_matching_logprobs(ray_cluster, tiny_model, tmp_path):
-    from jobs.config import build_config
-    from jobs.ppo import PPOConfig, train
+    from jobs.run.config import build_config
+    from jobs.drivers.ppo import PPOConfig, train
 
     options = json.dumps(VLLM_OPTIONS)
     config = build_config(PPOConfig, "ppo_tiny", [

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from jobs.config import ConfigError
+from jobs.run.config import ConfigError
 
 MANIFEST = "manifest.json"
 DRIVER_STATE = "driver.pt"
@@ -74,7 +74,7 @@ def read_manifest(folder: str | Path) -> dict:
 def training_config_hash(config) -> str:
     """The config's hash without the sections that may change between an interrupted run and its
     resumption (checkpointing and fault handling)."""
-    from jobs.config import config_dict, config_hash
+    from jobs.run.config import config_dict, config_hash
 
     return config_hash({k: v for k, v in config_dict(config).items() if k not in ("checkpoint", "faults")})
 

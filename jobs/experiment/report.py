@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from jobs.evaluate import summarize, win_rates  # noqa: E402
+from jobs.experiment.evaluate import summarize, win_rates  # noqa: E402
 
 METHOD_COLORS = {"SFT": "#555555", "PPO": "#1f77b4", "PPO-GT": "#17becf", "DPO": "#d62728",
                  "Preferred-FT": "#2ca02c", "Best-of-N": "#9467bd"}

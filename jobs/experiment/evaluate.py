@@ -20,7 +20,7 @@ from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
-from jobs.stats import bootstrap_ci
+from jobs.experiment.stats import bootstrap_ci
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from jobs.config import ConfigError
+from jobs.run.config import ConfigError
 
 Text = str | list[dict]
 

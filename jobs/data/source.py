@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jobs.config import ConfigError
+from jobs.run.config import ConfigError
 from jobs.data import (
     COLUMN_FIELDS,
     PreferencePair,

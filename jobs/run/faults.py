@@ -16,7 +16,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.config import ConfigError
+from jobs.run.config import ConfigError
 
 
 @dataclass
@@ -139,7 +139,7 @@ def run_with_recovery(attempt, *, run_dir: str | Path, resume_from: Path | None,
     down in a ``finally``. When an actor dies mid-attempt, the next attempt starts from the newest
     checkpoint of the run (or from the beginning when there is none yet)."""
     from actors.group import ActorCallError
-    from jobs.checkpoint import list_checkpoints
+    from jobs.run.checkpoint import list_checkpoints
 
     recoveries = 0
     while True:

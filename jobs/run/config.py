@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-PRESETS = Path(__file__).parent / "presets"
+PRESETS = Path(__file__).parent.parent / "presets"
 T = TypeVar("T")
 
 

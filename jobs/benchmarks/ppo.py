@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
 
 
 def bench_ppo(args) -> dict:
-    from jobs.config import build_config
-    from jobs.ppo import PPOConfig, train
+    from jobs.run.config import build_config
+    from jobs.drivers.ppo import PPOConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"output_dir={tmp}", "run_name=bench_ppo", f"model={args.model}", "data.train=demo",

@@ -41,7 +41,7 @@ class ShuffledBatches:
 
 def check_step_plan(config) -> None:
     """The step-plan fields SFT, reward-model training and DPO share, checked before any actor starts."""
-    from jobs.config import ConfigError
+    from jobs.run.config import ConfigError
 
     for key in ("batch_size", "micro_batch_size", "epochs"):
         if getattr(config, key) < 1:
@@ -79,7 +79,7 @@ def supervised_steps(*, desc: str, total_steps: int, steps_per_epoch: int, batch
     ``eval_every`` steps and at the end (``evaluate() -> metrics``, or None), log, show progress.
 
     ``state`` continues a resumed run after its last completed step; ``guard`` (a
-    ``jobs.checkpoint.NonFiniteGuard``) sees each step's metrics before anything is logged or saved
+    ``jobs.run.checkpoint.NonFiniteGuard``) sees each step's metrics before anything is logged or saved
     and aborts after too many skipped updates in a row; ``after_step(state)`` runs after each logged
     step (the driver's checkpoint hook). Returns the final state.
     """

@@ -101,7 +101,7 @@ def check_placement(placement: dict, roles: tuple[str, ...] = ROLES, key: str = 
 
     ``GPU`` is the one built-in name taken: the share of a GPU the role asks for on a GPU cluster (e.g.
     ``{policy: {GPU: 0.5}, reference: {GPU: 0.5}}`` puts both on one device; ignored without GPUs)."""
-    from jobs.config import ConfigError
+    from jobs.run.config import ConfigError
 
     if not isinstance(placement, dict):
         raise ConfigError(f"{key}: expected a mapping of role -> {{resource: amount}}, got {placement!r}")
@@ -159,7 +159,7 @@ class TrainingRoleConfig:
 
     def validate(self, key: str, roles: tuple[str, ...] = ()) -> None:
         from actors.sharded import STRATEGIES, FSDPConfig
-        from jobs.config import ConfigError
+        from jobs.run.config import ConfigError
 
         if self.num_workers < 1:
             raise ConfigError(f"{key}.num_workers must be >= 1, got {self.num_workers}")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from actors.batch import collate_pairs
 from actors.models import cache_root, resolve_model_path
-from jobs.batching import EncodedPair
+from jobs.run.batching import EncodedPair
 
 
 def model_fingerprint(model: str) -> str:

@@ -1,0 +1,495 @@
+"""PPO (RLHF) over the actor fleet: a single controller moving token ids, log-probs and rewards.
+
+    python -m jobs.ppo --preset ppo_smollm2_vader [key.sub=value ...]
+
+One step: rollout on the generation group -> reference log-probs, rollout log-probs, reward scores
+and critic values (requested concurrently) -> per-token rewards with the KL penalty -> GAE ->
+advantage whitening -> epochs of clipped policy and value updates (policy and critic concurrently)
+-> push the new policy weights to the generators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from tqdm import tqdm
+
+from actors.batch import collate_sequences
+from actors.critic import CriticActor
+from actors.generation import GENERATION_BACKENDS, Completion, GenerationActor, SamplingConfig, generate_sharded
+from actors.group import ActorGroup, ActorResources
+from actors.models import load_tokenizer
+from actors.optim import OptimizerConfig
+from actors.policy import PolicyActor
+from actors.ppo_math import (AdaptiveKLController, FixedKLController, gae_advantages, kl_estimate,
+                             kl_penalized_rewards, masked_mean, masked_whiten)
+from actors.reference import ReferenceActor
+from actors.reward import RewardModelActor
+from actors.runtime import rng_state, set_rng_state
+from jobs.run.batching import TokenizeConfig, encode_prompt
+from jobs.run.cluster import TrainingRoleConfig, build_training_group, check_placement, init_ray, role_resources
+from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
+from jobs.run.config import ConfigError, check_model, check_scorer, run_cli, save_config
+from jobs.data.source import DataConfig, load_prompt_splits
+from jobs.run.faults import FaultConfig, FaultInjector, NonFiniteGuard, run_with_recovery
+from jobs.run.metrics import MetricsLogger
+from jobs.run.sampler import ShuffledBatches
+from jobs.experiment.stats import bootstrap_ci
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass
+class RewardConfig:
+    kind: str = "gold"                 # gold (a scorer) | learned (a reward-model folder)
+    scorer: str | None = "vader"       # for kind=gold: see actors.scorers
+    model: str | None = None           # for kind=learned: output of jobs.reward
+    missing_eos_penalty: float | None = None  # subtracted from the score of responses that never emit EOS
+    clip: float | None = None          # clip scores to [-clip, clip]
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.05
+    estimator: str = "k1"              # per-token estimator in the reward penalty (k1 | k2 | k3)
+    adaptive: bool = False             # Ziegler et al.'s proportional controller
+    target: float = 6.0                # target sequence KL (nats) for the adaptive controller
+    horizon: int = 10000
+    in_loss: bool = False              # put the KL (k3) in the policy loss instead of the reward
+
+
+@dataclass
+class PPOHyper:
+    epochs: int = 4
+    minibatch_size: int = 8            # sequences per optimizer step
+    micro_batch_size: int = 8          # sequences per forward pass
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+
+
+@dataclass
+class PPOConfig:
+    run_name: str = "ppo"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: str = "smollm2"             # the starting policy (an SFT checkpoint in the full pipeline)
+    reference_model: str | None = None  # default: the starting policy
+    critic_model: str | None = None    # default: the reward model if learned, else the starting policy
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenize: TokenizeConfig = field(default_factory=lambda: TokenizeConfig(max_prompt_length=64, max_length=128))
+    rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48))
+    prompts_per_step: int = 16
+    steps: int = 20
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    ppo: PPOHyper = field(default_factory=PPOHyper)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6, eps=1e-5))
+    critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5, eps=1e-5))
+    num_generators: int = 1
+    generation_backend: str = "auto"   # hf | vllm | auto (vLLM where installed and able to host the model)
+    generation_options: dict[str, Any] = field(default_factory=dict)  # vLLM backend options (actors.vllm_backend)
+    eval_every: int = 10               # steps; 0 = only at the start and the end
+    eval_prompts: int = 32
+    eval_samples_per_prompt: int = 1
+    eval_scorer: str | None = "vader"  # gold scorer for evaluation (independent of the training reward)
+    torch_threads: int | None = None
+    address: str | None = None
+    # Custom node resources per role, pinning it to nodes that offer them, e.g. {policy: {trainer: 1}}
+    placement: dict[str, dict[str, float]] = field(default_factory=dict)
+    policy: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # num_workers > 1: FSDP2 group
+    critic: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # colocate_with: policy shares its bundles
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def validate(self) -> None:
+        self.policy.validate("policy")
+        self.critic.validate("critic", ("policy",))
+        if self.critic.colocate_with == "policy" and self.policy.num_workers < 2:
+            raise ConfigError("critic.colocate_with: policy needs a sharded policy (policy.num_workers >= 2) whose "
+                              f"placement group the critic can share; policy.num_workers is {self.policy.num_workers}")
+        self.checkpoint.validate()
+        self.faults.validate()
+        self.data.validate()
+        self.tokenize.validate()
+        self.rollout.validate("rollout")
+        self.optimizer.validate("optimizer")
+        self.critic_optimizer.validate("critic_optimizer")
+        if self.reward.kind not in ("gold", "learned"):
+            raise ConfigError(f"reward.kind must be gold or learned, got {self.reward.kind!r}")
+        if self.reward.kind == "gold" and not self.reward.scorer:
+            raise ConfigError("reward.scorer is required when reward.kind is gold")
+        if self.reward.kind == "learned" and not self.reward.model:
+            raise ConfigError("reward.model is required when reward.kind is learned")
+        if self.kl.estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"kl.estimator must be one of {KL_ESTIMATORS}, got {self.kl.estimator!r}")
+        if self.kl.coef < 0:
+            raise ConfigError(f"kl.coef must be >= 0, got {self.kl.coef}")
+        if self.kl.adaptive and (self.kl.target <= 0 or self.kl.horizon <= 0):
+            raise ConfigError("kl.target and kl.horizon must be > 0 for the adaptive controller")
+        for key in ("prompts_per_step", "steps", "num_generators", "eval_samples_per_prompt"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        hp = self.ppo
+        for key in ("epochs", "minibatch_size", "micro_batch_size"):
+            if getattr(hp, key) < 1:
+                raise ConfigError(f"ppo.{key} must be >= 1, got {getattr(hp, key)}")
+        if hp.minibatch_size % hp.micro_batch_size:
+            raise ConfigError(f"ppo.minibatch_size ({hp.minibatch_size}) must be a multiple of ppo.micro_batch_size "
+                              f"({hp.micro_batch_size})")
+        if not 0 < hp.clip_eps < 1:
+            raise ConfigError(f"ppo.clip_eps must be in (0, 1), got {hp.clip_eps}")
+        if not (0 <= hp.gamma <= 1 and 0 <= hp.lam <= 1):
+            raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {hp.gamma}, {hp.lam}")
+        if self.generation_backend not in GENERATION_BACKENDS:
+            raise ConfigError(f"generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, "
+                              f"got {self.generation_backend!r}")
+        if self.generation_backend == "hf" and self.generation_options:
+            raise ConfigError("generation_options apply to the vllm backend only (generation_backend is hf)")
+        for key in ("model", "reference_model", "critic_model"):
+            check_model(key, getattr(self, key))
+        check_model("reward.model", self.reward.model)
+        if self.reward.kind == "gold":
+            check_scorer("reward.scorer", self.reward.scorer)
+        check_scorer("eval_scorer", self.eval_scorer)
+        check_placement(self.placement, ("policy", "reference", "reward", "critic", "generator", "judge"))
+        if self.policy.lora and self.reference_model not in (None, self.model):
+            raise ConfigError(f"reference_model: with policy.lora the reference is the policy's own base model "
+                              f"(adapters disabled), so it cannot be {self.reference_model!r}; drop reference_model")
+
+
+@dataclass
+class Fleet:
+    policy: ActorGroup
+    reference: ActorGroup | None  # None: a LoRA policy is its own reference (adapters disabled)
+    reward: ActorGroup
+    critic: ActorGroup
+    generators: ActorGroup
+    judge: ActorGroup | None
+    adapter_sync: bool = False  # LoRA policy and LoRA-enabled vLLM generators: push only the adapters
+
+    def reference_logprobs(self, batch):
+        """An ObjectRef to the reference's log-probs of ``batch``: the ReferenceActor's, or with LoRA the
+        policy's own base model (``PolicyActor.reference_logprobs``)."""
+        if self.reference is None:
+            return self.policy.call_all("reference_logprobs", batch)[0]
+        return self.reference.call_all("logprobs", batch)[0]
+
+    def push_weights(self, version: int) -> None:
+        """Policy -> object store -> generators, without a stop in the driver: the LoRA adapters alone
+        where every generator serves adapters, else the full (with LoRA: merged) weights."""
+        weights = self.policy.call_all("adapter_weights" if self.adapter_sync else "named_weights")[0]
+        self.generators.run_all("update_weights", weights, version)
+
+    def groups(self) -> dict[str, ActorGroup]:
+        found = {"policy": self.policy, "reference": self.reference, "reward": self.reward, "critic": self.critic,
+                 "generator": self.generators, "judge": self.judge}
+        return {role: group for role, group in found.items() if group is not None}
+
+    def shutdown(self) -> None:
+        for group in self.groups().values():
+            group.shutdown()
+
+
+def build_fleet(config: PPOConfig) -> Fleet:
+    resources = ActorResources(torch_threads=config.torch_threads)
+
+    # Frozen roles hold nothing a checkpoint must restore: Ray restarts them and retries their calls.
+    frozen = dataclasses.replace(resources, max_restarts=config.faults.frozen_role_restarts,
+                                 max_task_retries=config.faults.frozen_role_restarts)
+
+    def place(role: str) -> ActorResources:
+        return role_resources(frozen if role in ("reference", "reward") else resources, config.placement, role)
+
+    common = {"seed": config.seed}
+    reward_kwargs = ({"kind": "gold", "scorer": config.reward.scorer, "tokenizer": config.model}
+                     if config.reward.kind == "gold" else {"kind": "learned", "model": config.reward.model})
+    critic_model = config.critic_model or (config.reward.model if config.reward.kind == "learned" else config.model)
+    micro = config.ppo.micro_batch_size
+    timeout = config.faults.call_timeout_s
+    made: dict[str, ActorGroup] = {}
+    try:
+        made["policy"] = build_training_group(
+            PolicyActor, "policy", config.policy, resources=place("policy"), call_timeout_s=timeout, init_kwargs={
+                "model": config.model, "optimizer": dataclasses.asdict(config.optimizer), "micro_batch_size": micro,
+                **common})
+        if not config.policy.lora:  # a LoRA policy is its own reference: no second copy of the weights
+            made["reference"] = ActorGroup(ReferenceActor, "reference", resources=place("reference"), init_kwargs={
+                "model": config.reference_model or config.model, "micro_batch_size": micro, **common})
+        made["reward"] = ActorGroup(RewardModelActor, "reward", resources=place("reward"),
+                                    init_kwargs={**reward_kwargs, **common})
+        made["critic"] = build_training_group(
+            CriticActor, "critic", config.critic, resources=place("critic"), call_timeout_s=timeout,
+            colocate_with=made["policy"] if config.critic.colocate_with == "policy" else None, init_kwargs={
+                "model": critic_model, "optimizer": dataclasses.asdict(config.critic_optimizer),
+                "micro_batch_size": micro, **common})
+        made["generator"] = ActorGroup(GenerationActor, "generator", num_actors=config.num_generators,
+                                       indexed_names=True, resources=place("generator"), init_kwargs={
+                                           "model": config.model, "backend": config.generation_backend,
+                                           "backend_options": config.generation_options,
+                                           "lora": dict(config.policy.lora) or None, **common})
+        if config.eval_scorer:
+            made["judge"] = ActorGroup(RewardModelActor, "judge", resources=role_resources(
+                dataclasses.replace(frozen, num_cpus=0.5, torch_threads=1), config.placement, "judge"),
+                init_kwargs={"kind": "gold", "scorer": config.eval_scorer, "tokenizer": config.model})
+        for group in made.values():
+            group.call_timeout_s = timeout
+            group.wait_ready()
+    except BaseException:
+        for group in made.values():  # no orphaned actors (or placement groups) when one role fails to start
+            group.shutdown()
+        raise
+    adapter_sync = bool(config.policy.lora) and all(made["generator"].run_all("accepts_adapters"))
+    return Fleet(policy=made["policy"], reference=made.get("reference"), reward=made["reward"], critic=made["critic"],
+                 generators=made["generator"], judge=made.get("judge"), adapter_sync=adapter_sync)
+
+
+@dataclass
+class Rollout:
+    completions: list[Completion]
+    batch: dict
+    mask: torch.Tensor          # [B, T-1] response tokens in the shifted layout
+    generator_logprobs: torch.Tensor
+
+
+def make_rollout(completions: list[Completion], pad_id: int) -> Rollout:
+    batch = collate_sequences([c.prompt_ids for c in completions], [c.response_ids for c in completions], pad_id)
+    mask = batch["loss_mask"][:, 1:].float()
+    gen = torch.zeros_like(mask)
+    for i, c in enumerate(completions):
+        positions = mask[i].nonzero().squeeze(-1)
+        gen[i, positions] = torch.tensor(c.logprobs, dtype=torch.float32)
+    return Rollout(completions, batch, mask, gen)
+
+
+def evaluate(fleet: Fleet, prompts: list[list[int]], config: PPOConfig, pad_id: int) -> dict:
+    """Gold reward and sequence KL to the reference of samples from the current policy (held-out prompts)."""
+    if not prompts:
+        return {}
+    sampling = dataclasses.replace(config.rollout, n=config.eval_samples_per_prompt, seed=config.seed + 10_000)
+    completions = generate_sharded(fleet.generators, prompts, sampling)
+    rollout = make_rollout(completions, pad_id)
+    pol_ref = fleet.policy.call_all("logprobs", rollout.batch)[0]
+    ref_ref = fleet.reference_logprobs(rollout.batch)
+    prompt_ids, response_ids = [c.prompt_ids for c in completions], [c.response_ids for c in completions]
+    judge = fleet.judge or fleet.reward
+    gold = judge.run_one("score", prompt_ids, response_ids)["scores"]
+    policy_lp, reference_lp = ray.get([pol_ref, ref_ref])
+    seq_kl = (policy_lp["sum"] - reference_lp["sum"])  # E_pi[log pi - log ref] estimated from samples
+    low, high = bootstrap_ci(gold.numpy(), seed=config.seed)
+    kl_low, kl_high = bootstrap_ci(seq_kl.numpy(), seed=config.seed)
+    return {"eval/gold_reward_mean": float(gold.mean()), "eval/gold_reward_std": float(gold.std()),
+            "eval/gold_reward_ci_low": low, "eval/gold_reward_ci_high": high,
+            "eval/kl": float(seq_kl.mean()), "eval/kl_ci_low": kl_low, "eval/kl_ci_high": kl_high,
+            "eval/response_length": float(rollout.mask.sum(-1).mean())}
+
+
+def train(config: PPOConfig) -> dict:
+    """Run PPO end to end (resuming and recovering from dead actors as configured); returns the summary
+    written to ``summary.json``."""
+    out = Path(config.output_dir) / config.run_name
+    save_config(config, out)
+    tokenizer = load_tokenizer(config.model)
+    pad_id = tokenizer.pad_token_id
+    train_prompts, eval_prompts, report = load_prompt_splits(config.data, config.seed)
+    encode = lambda records: [encode_prompt(tokenizer, r.prompt, config.tokenize)[-config.tokenize.max_prompt_length:]
+                              for r in records]
+    train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)[: config.eval_prompts]
+    if not train_ids:
+        raise ConfigError(f"data.train: no prompts in {config.data.train!r}")
+    print(f"[data] {len(train_ids)} train / {len(eval_ids)} eval prompts; {json.dumps(report)}")
+    resume_from = resolve_resume(out, config.checkpoint.resume)
+    init_ray(config.address, namespace=f"rayalign-{config.run_name}")
+    faults = FaultInjector(config.faults)
+    return run_with_recovery(
+        lambda start, recoveries: _train_attempt(config, pad_id, train_ids, eval_ids, start, recoveries, faults),
+        run_dir=out, resume_from=resume_from, max_recoveries=config.faults.max_recoveries)
+
+
+def save_checkpoint(writer: CheckpointWriter, fleet: Fleet, step: int, driver_state: dict) -> Path:
+    """Policy and critic states in parallel, then the driver's state and the manifest (atomically)."""
+
+    def save_actors(folder: Path) -> list[str]:
+        refs = [fleet.policy.call_all("save_state", str(folder / "policy"))[0],
+                fleet.critic.call_all("save_state", str(folder / "critic"))[0]]
+        fleet.policy.get(refs, "save_state")
+        return ["policy", "critic"]
+
+    return writer.write(step, save_actors, driver_state)
+
+
+def restore_checkpoint(fleet: Fleet, folder: Path, step: int) -> None:
+    """Policy and critic back to the checkpoint, and the generators given the restored policy's weights."""
+    refs = [fleet.policy.call_all("load_state", str(folder / "policy"))[0],
+            fleet.critic.call_all("load_state", str(folder / "critic"))[0]]
+    fleet.policy.get(refs, "load_state")
+    fleet.push_weights(step)
+
+
+def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_from: Path | None, recoveries: int,
+                   faults: FaultInjector) -> dict:
+    out = Path(config.output_dir) / config.run_name
+    fleet = build_fleet(config)
+    try:
+        hp = config.ppo
+        ppo_args = {**dataclasses.asdict(hp), "seed": config.seed,
+                    "kl_in_loss_coef": config.kl.coef if config.kl.in_loss else 0.0}
+        kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
+                  else FixedKLController(config.kl.coef))
+        prompt_batches = ShuffledBatches(len(train_ids), config.prompts_per_step, config.seed)
+        guard = NonFiniteGuard(config.faults.max_nonfinite_in_row)
+        writer = CheckpointWriter(out, config.checkpoint.keep, config)
+        state = {"step": 0, "tokens_generated": 0, "tokens_trained": 0, "first_eval": {}, "last_eval": {}}
+        rows, wall_before = None, 0.0
+        if resume_from is not None:
+            check_resume(resume_from, config)
+            driver = load_driver_state(resume_from)
+            state, rows, wall_before = driver["state"], driver["metrics"], driver["wall_s"]
+            restore_checkpoint(fleet, resume_from, state["step"])
+            prompt_batches.load_state_dict(driver["batches"])
+            kl_ctl.load_state_dict(driver["kl"])
+            guard.load_state_dict(driver["guard"])
+            set_rng_state(driver["rng"])
+            print(f"[resume] from {resume_from} at step {state['step']}")
+        logger = MetricsLogger(out, resume_rows=rows)
+        start_all = time.perf_counter()
+        if resume_from is None:
+            state["first_eval"] = state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
+            logger.log(0, state["first_eval"])
+            print(f"[eval] step 0: {json.dumps({k: round(v, 4) for k, v in state['first_eval'].items()})}")
+        bar = tqdm(range(state["step"] + 1, config.steps + 1), desc="ppo", unit="step", dynamic_ncols=True,
+                   initial=state["step"], total=config.steps)
+        for step in bar:
+            t_step = time.perf_counter()
+            index = prompt_batches.next()
+            timing: dict[str, float] = {}
+            faults.maybe_kill(step, fleet.groups())
+
+            t0 = time.perf_counter()
+            sampling = dataclasses.replace(config.rollout, seed=config.seed * 100_003 + step)
+            rollout = make_rollout(generate_sharded(fleet.generators, [train_ids[i] for i in index], sampling), pad_id)
+            timing["generate"] = time.perf_counter() - t0
+            mask = rollout.mask
+            prompt_ids = [c.prompt_ids for c in rollout.completions]
+            response_ids = [c.response_ids for c in rollout.completions]
+
+            # The four scoring passes run on four actors at once.
+            t0 = time.perf_counter()
+            refs = {"policy": fleet.policy.call_all("logprobs", rollout.batch)[0],
+                    "reference": fleet.reference_logprobs(rollout.batch),
+                    "reward": fleet.reward.call_all("score", prompt_ids, response_ids)[0],
+                    "critic": fleet.critic.call_all("values", rollout.batch)[0]}
+            results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
+            timing["score"] = time.perf_counter() - t0  # wall time of the four concurrent passes
+            old_logprobs = results["policy"]["token_logps"]
+            ref_logprobs = results["reference"]["token_logps"]
+            values = results["critic"]["values"]
+            scores = results["reward"]["scores"].clone()
+            timing.update({"ref": float(results["reference"]["seconds"]), "reward": float(results["reward"]["seconds"]),
+                           "values": float(results["critic"]["seconds"]), "old_logprobs": float(results["policy"]["seconds"])})
+
+            t0 = time.perf_counter()
+            raw_scores = scores.clone()
+            no_eos = torch.tensor([c.finish_reason != "stop" for c in rollout.completions])
+            if config.reward.missing_eos_penalty is not None:
+                scores = scores - config.reward.missing_eos_penalty * no_eos.float()
+            kl_coef_now = 0.0 if config.kl.in_loss else kl_ctl.value
+            token_rewards, token_kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef_now,
+                                                           config.kl.estimator, config.reward.clip)
+            if hp.whiten_rewards:
+                token_rewards = masked_whiten(token_rewards, mask, shift_mean=False)
+            advantages, returns = gae_advantages(token_rewards, values, mask, hp.gamma, hp.lam)
+            if hp.whiten_advantages:
+                advantages = masked_whiten(advantages, mask) * mask
+            if faults.poison(step):
+                advantages = advantages * float("nan")
+            seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
+            timing["advantages"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            actor_ref = fleet.policy.call_all("train_ppo", rollout.batch, old_logprobs, advantages, ppo_args,
+                                              ref_logprobs if config.kl.in_loss else None)[0]
+            critic_ref = fleet.critic.call_all("train_value", rollout.batch, values, returns, ppo_args)[0]
+            actor_metrics, critic_metrics = fleet.policy.get([actor_ref, critic_ref], "train")
+            timing["update"] = time.perf_counter() - t0  # wall time; policy and critic train concurrently
+            timing["update_actor"] = actor_metrics["timing_s/total"]
+            timing["update_critic"] = critic_metrics["critic/timing_s/total"]
+
+            t0 = time.perf_counter()
+            fleet.push_weights(step)
+            timing["sync_weights"] = time.perf_counter() - t0
+            kl_ctl.update(float(seq_kl.mean()), config.prompts_per_step * config.rollout.n)
+            timing["step"] = time.perf_counter() - t_step
+
+            generated = int(mask.sum())
+            state["tokens_generated"] += generated
+            state["tokens_trained"] += int(actor_metrics["tokens"])
+            metrics = {
+                **{k: v for k, v in actor_metrics.items() if k.startswith("actor/")},
+                **{k: v for k, v in critic_metrics.items() if k in ("critic/vf_loss", "critic/vf_clipfrac", "critic/vf_explained_var")},
+                "actor/grad_norm": actor_metrics["grad_norm"], "actor/lr": actor_metrics["lr"],
+                "reward/score_mean": float(raw_scores.mean()), "reward/score_std": float(raw_scores.std()),
+                "reward/penalized_score_mean": float(scores.mean()),
+                "reward/kl_penalty": float(-(kl_coef_now * token_kl * mask).sum(-1).mean()),
+                "reward/no_eos_fraction": float(no_eos.float().mean()),
+                "objective/kl": float(seq_kl.mean()), "objective/kl_coef": kl_ctl.value,
+                "objective/entropy": float(-(old_logprobs * mask).sum(-1).mean()),
+                "rollout/logprob_diff": float(masked_mean((rollout.generator_logprobs - old_logprobs).abs(), mask)),
+                "response_length/mean": float(mask.sum(-1).mean()),
+                "perf/tokens_per_s": generated / timing["step"],
+                **{f"timing_s/{k}": v for k, v in timing.items()},
+            }
+            metrics["skipped_nonfinite"] = max(actor_metrics["skipped_nonfinite"], critic_metrics["critic/skipped_nonfinite"])
+            guard.observe(step, index, metrics)
+            if eval_ids and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+                state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
+                metrics.update(state["last_eval"])
+            logger.log(step, metrics)
+            state["step"] = step
+            every = config.checkpoint.every
+            due = (every and step % every == 0) or step == config.steps
+            if due and not guard.in_row:  # never checkpoint in the middle of a run of skipped updates
+                save_checkpoint(writer, fleet, step, {
+                    "state": state, "batches": prompt_batches.state_dict(), "kl": kl_ctl.state_dict(),
+                    "guard": guard.state_dict(), "metrics": logger.rows, "rng": rng_state(),
+                    "wall_s": wall_before + time.perf_counter() - start_all})
+            bar.set_postfix(score=f"{metrics['reward/score_mean']:+.3f}", kl=f"{metrics['objective/kl']:.2f}",
+                            len=f"{metrics['response_length/mean']:.0f}", s=f"{timing['step']:.1f}")
+        logger.close()
+        checkpoint = out / "checkpoint"
+        fleet.policy.run_one("save", str(checkpoint))
+        save_config(config, checkpoint)
+        weight_sync = "lora_adapters" if fleet.adapter_sync else ("merged_lora" if config.policy.lora else "full")
+    finally:
+        fleet.shutdown()
+    first_eval, last_eval = state["first_eval"], state["last_eval"]
+    summary = {"steps": config.steps, "wall_s": wall_before + time.perf_counter() - start_all,
+               "checkpoint": str(checkpoint), "tokens_generated": state["tokens_generated"],
+               "tokens_trained": state["tokens_trained"], "start": first_eval, "end": last_eval,
+               "kl_coef_final": kl_ctl.value, "resumed_from": str(resume_from) if resume_from else None,
+               "recoveries": recoveries, "faults_injected": faults.killed, "nonfinite_skipped_steps": guard.skipped_steps,
+               "weight_sync": weight_sync, "roles": sorted(fleet.groups())}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"[eval] start {json.dumps(first_eval)}\n[eval] end   {json.dumps(last_eval)}")
+    print(f"[done] {config.steps} steps; checkpoint {checkpoint}")
+    return summary
+
+
+def main(argv=None) -> int:
+    return run_cli(PPOConfig, train, "python -m jobs.ppo", __doc__, argv, "key.sub=value overrides, e.g. kl.coef=0.1")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The comparison experiment: preference-data stage, evaluation, statistics, report."""
