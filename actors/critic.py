@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from actors.batch import Batch, micro_batches, slice_batch
+from actors.math.batch import Batch, micro_batches, slice_batch
 from actors.optim import OptimizerConfig, TrainableMixin
-from actors.ppo_math import explained_variance, value_loss
+from actors.math.ppo_math import explained_variance, value_loss
 from actors.runtime import configure_threads, describe_actor, pick_device, quiet_transformers, seed_everything
 from actors.value_model import ScalarHeadModel
 

@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
+from actors.fsdp.state import DCP_FOLDER, TRAINER_STATE, load_sharded_state
 from actors.runtime import rng_state, set_rng_state
 
-TRAINER_STATE = "trainer_state.pt"
 
 
 @dataclass
@@ -118,7 +118,7 @@ class TrainableMixin:
                      "skipped_nonfinite": float(not finite), "timing_s/update": time.perf_counter() - start})
         return sums
 
-    # -- data parallelism: one worker here; actors.sharded overrides these for FSDP2 groups ---------
+    # -- data parallelism: one worker here; actors.fsdp overrides these for FSDP2 groups ---------
     lockstep = False  # True: every worker runs every backward pass (sharded collectives must match)
 
     def _my_share(self, items: list) -> list:
@@ -126,7 +126,7 @@ class TrainableMixin:
         return items
 
     def _idle_pass(self):
-        raise NotImplementedError("idle passes exist only in sharded groups (actors.sharded)")
+        raise NotImplementedError("idle passes exist only in sharded groups (actors.fsdp)")
 
     def _all_finite(self, finite: bool) -> bool:
         """Whether every worker's losses were finite (all skip the update together)."""
@@ -159,9 +159,7 @@ class TrainableMixin:
     def load_state(self, folder: str) -> int:
         """Restore what ``save_state`` wrote (same model and optimizer shapes); returns the global step.
         A sharded group's checkpoint (``torch.distributed.checkpoint``, any world size) loads too."""
-        if (Path(folder) / "dcp").is_dir():
-            from actors.sharded import load_sharded_state
-
+        if (Path(folder) / DCP_FOLDER).is_dir():
             return load_sharded_state(self, folder)
         state = torch.load(Path(folder) / TRAINER_STATE, map_location="cpu",
                            weights_only=False)  # our own file: RNG states are numpy/python objects

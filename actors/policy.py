@@ -7,11 +7,11 @@ import time
 
 import torch
 
-from actors.batch import Batch, micro_batches, pair_micro_batches, slice_batch
-from actors.dpo_losses import preference_loss
-from actors.logprobs import sequence_logprobs
+from actors.math.batch import Batch, micro_batches, pair_micro_batches, slice_batch
+from actors.math.dpo_losses import preference_loss
+from actors.math.logprobs import sequence_logprobs
 from actors.optim import OptimizerConfig, TrainableMixin
-from actors.ppo_math import entropy_from_logits, kl_estimate, masked_mean, policy_loss
+from actors.math.ppo_math import entropy_from_logits, kl_estimate, masked_mean, policy_loss
 from actors.worker import ModelWorker
 
 

@@ -10,11 +10,11 @@ from typing import Sequence
 
 import torch
 
-from actors.batch import Batch, collate_sequences, micro_batches, pair_micro_batches
+from actors.math.batch import Batch, collate_sequences, micro_batches, pair_micro_batches
 from actors.models import load_tokenizer
 from actors.runtime import configure_threads, describe_actor, pick_device, quiet_transformers, seed_everything
 from actors.optim import OptimizerConfig, TrainableMixin
-from actors.ppo_math import bradley_terry_loss
+from actors.math.ppo_math import bradley_terry_loss
 from actors.scorers import build_scorer
 from actors.value_model import ScalarHeadModel, last_token_index
 

@@ -6,7 +6,7 @@ normalisation), so the critic can be initialised from the reward model by loadin
 Options (``from_pretrained``): ``lora`` wraps the backbone with LoRA adapters (the head stays fully
 trainable; saving merges the adapters into the backbone weights, same format), ``gradient_checkpointing``
 recomputes the backbone's layer activations in the backward pass, ``packing`` runs each batch
-padding-free (see ``actors.batch.pack_rows``).
+padding-free (see ``actors.math.batch.pack_rows``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from actors.batch import pack_rows, unpack_rows
-from actors.logprobs import position_ids_from_mask
+from actors.math.batch import pack_rows, unpack_rows
+from actors.math.logprobs import position_ids_from_mask
 from actors.models import (apply_lora, disable_dropout, enable_gradient_checkpointing, is_lora, merged_state_dict,
                            resolve_model_path, torch_dtype)
 

@@ -50,7 +50,7 @@ from typing import Sequence
 
 import torch
 
-from actors.generation import Completion, SamplingConfig
+from actors.sampling import Completion, SamplingConfig
 
 WEIGHT_SYNC_MODES = ("auto", "shm", "rpc", "cuda_ipc")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values

@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from actors.batch import Batch, micro_batches, pack_rows, unpack_rows
-from actors.logprobs import position_ids_from_mask, sequence_logprobs
+from actors.math.batch import Batch, micro_batches, pack_rows, unpack_rows
+from actors.math.logprobs import position_ids_from_mask, sequence_logprobs
 from actors.models import (apply_lora, enable_gradient_checkpointing, is_lora, load_causal_lm, load_tokenizer,
                            merged_state_dict, resolve_model_path, save_causal_lm)
 from actors.runtime import configure_threads, describe_actor, pick_device, quiet_transformers, seed_everything

@@ -101,7 +101,8 @@ def _generation_config(args, backend: str, generators: int) -> dict:
     """Tokens/s of one (backend, generator count) on the same prompts, then weight-sync seconds."""
     import ray
 
-    from actors.generation import GenerationActor, SamplingConfig, generate_sharded
+    from actors.generation import GenerationActor, generate_sharded
+    from actors.sampling import SamplingConfig
     from actors.group import ActorGroup, ActorResources
     from actors.models import load_causal_lm, load_tokenizer
 
@@ -177,7 +178,7 @@ def bench_generate(args) -> dict:
 
 def _random_pairs(pairs: int, seq_len: int, prompt_len: int, vocab: int, seed: int = 0):
     """Synthetic pairs of exactly ``seq_len`` tokens each (throughput does not depend on the text)."""
-    from actors.batch import collate_pairs
+    from actors.math.batch import collate_pairs
 
     g = torch.Generator().manual_seed(seed)
 
@@ -265,7 +266,7 @@ def _rss_mib() -> float:
 
 def _variable_pairs(pairs: int, seq_len: int, prompt_len: int, min_frac: float, vocab: int, seed: int = 0):
     """Pairs whose responses vary in length (from ``min_frac`` of the longest), so batches carry padding."""
-    from actors.batch import collate_pairs
+    from actors.math.batch import collate_pairs
 
     g = torch.Generator().manual_seed(seed)
     longest = seq_len - prompt_len

@@ -9,7 +9,8 @@ import argparse
 import sys
 import time
 
-from actors.generation import GenerationActor, SamplingConfig, generate_sharded
+from actors.generation import GenerationActor, generate_sharded
+from actors.sampling import SamplingConfig
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.reward import RewardModelActor

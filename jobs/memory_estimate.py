@@ -262,7 +262,7 @@ def pack(requests: list[Request]) -> list[list[Request]]:
 
 
 def dpo_requests(config) -> list[Request]:
-    from actors.dpo_losses import REFERENCE_FREE_VARIANTS
+    from actors.math.dpo_losses import REFERENCE_FREE_VARIANTS
 
     arch, layout = architecture(config.model), config.policy
     parts, startup = trainable_role(arch, layout, config.optimizer.name, 2 * config.micro_batch_size,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.batch import collate_sequences
+from actors.math.batch import collate_sequences
 from actors.critic import CriticActor
-from actors.generation import GenerationActor, SamplingConfig, generate_sharded
+from actors.generation import GenerationActor, generate_sharded
+from actors.sampling import SamplingConfig
 from actors.group import ActorCallError, ActorGroup, ActorResources
 from actors.models import ModelNotFoundError, resolve_model_path
 from actors.policy import PolicyActor

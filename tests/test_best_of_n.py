@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from actors.best_of_n import best_of_n_kl, best_of_n_selection_weights, expected_best_of_n, n_values
+from actors.math.best_of_n import best_of_n_kl, best_of_n_selection_weights, expected_best_of_n, n_values
 
 
 def test_analytic_kl_exact_values():
@@ -77,7 +77,8 @@ def test_bad_best_of_n_config_is_rejected_naming_the_key():
 def test_a_lost_generator_shard_is_rerun_on_a_survivor(ray_cluster, tiny_tokenizer):
     import ray
 
-    from actors.generation import GenerationActor, SamplingConfig, generate_sharded
+    from actors.generation import GenerationActor, generate_sharded
+    from actors.sampling import SamplingConfig
     from actors.group import ActorCallError, ActorGroup, ActorResources
 
     prompts = [tiny_tokenizer(t)["input_ids"] for t in ["The film", "I went", "Honestly", "My friends", "A"]]

@@ -1,4 +1,4 @@
-"""actors.dpo_losses: every variant against numbers worked out by hand (plain `math`), plus closed forms."""
+"""actors.math.dpo_losses: every variant against numbers worked out by hand (plain `math`), plus closed forms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from actors.dpo_losses import (
+from actors.math.dpo_losses import (
     REFERENCE_FREE_VARIANTS,
     VARIANTS,
     PreferenceLossOutput,

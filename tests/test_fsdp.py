@@ -15,13 +15,14 @@ import pytest
 import ray
 import torch
 
-from actors.batch import collate_pairs, collate_sequences
+from actors.math.batch import collate_pairs, collate_sequences
 from actors.critic import CriticActor
-from actors.generation import GenerationActor, SamplingConfig
+from actors.generation import GenerationActor
+from actors.sampling import SamplingConfig
 from actors.group import ActorCallError, ActorGroup, ActorResources
-from actors.logprobs import position_ids_from_mask, sequence_logprobs
+from actors.math.logprobs import position_ids_from_mask, sequence_logprobs
 from actors.policy import PolicyActor
-from actors.sharded import ShardedActorGroup, training_group
+from actors.fsdp.group import ShardedActorGroup, training_group
 
 ATOL = 1e-5          # float32 summation-order differences between 1 and 2 ranks (measured <= ~1e-6)
 # The gradient norm is a float32 sum of ~3M squares (the tied embedding): a single actor's own norm is

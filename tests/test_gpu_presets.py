@@ -229,7 +229,7 @@ def test_gradient_checkpointing_saves_activation_memory():
 def _saved_bytes(model, seqs: int, length: int, vocab: int, autocast: bool) -> int:
     """Bytes of the distinct storages autograd saves for backward in one forward + log-prob pass,
     parameters excluded (weights are counted apart)."""
-    from actors.logprobs import sequence_logprobs
+    from actors.math.logprobs import sequence_logprobs
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from actors.batch import collate_sequences, left_pad, micro_batches
-from actors.logprobs import position_ids_from_mask, sequence_logprobs, token_logprobs
+from actors.math.batch import collate_sequences, left_pad, micro_batches
+from actors.math.logprobs import position_ids_from_mask, sequence_logprobs, token_logprobs
 
 
 def test_token_logprobs_hand_example():

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.batch import collate_pairs, collate_sequences, pack_rows
+from actors.math.batch import collate_pairs, collate_sequences, pack_rows
 from actors.generation import GenerationActor
 from actors.models import load_causal_lm
 from actors.offload import offload_optimizer_state

@@ -1,4 +1,4 @@
-"""actors.ppo_math: hand-computed values, reference loops and closed forms for the PPO / RLHF estimators."""
+"""actors.math.ppo_math: hand-computed values, reference loops and closed forms for the PPO / RLHF estimators."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from actors.ppo_math import (
+from actors.math.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     best_of_n_kl,

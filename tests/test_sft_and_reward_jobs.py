@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from actors.batch import collate_pairs, collate_sequences
+from actors.math.batch import collate_pairs, collate_sequences
 from actors.critic import CriticActor
 from actors.policy import PolicyActor
 from actors.reward import RewardModelActor

@@ -21,8 +21,9 @@ import pytest
 import ray
 import torch
 
-from actors.batch import collate_sequences
-from actors.generation import GenerationActor, SamplingConfig, generate_sharded
+from actors.math.batch import collate_sequences
+from actors.generation import GenerationActor, generate_sharded
+from actors.sampling import SamplingConfig
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.policy import PolicyActor

@@ -6,7 +6,7 @@ its gold reward against N next to the analytic KL of Best-of-N, log N − (N−1
 One pool of ``max_n`` samples per held-out prompt is generated across the generator group and scored
 once by the reward model (the selector) and once by the gold scorer. The value at each
 N in {1, 2, 4, ..., max_n} is the exact average over every N-subset of the pool (an unbiased estimate,
-see ``actors.best_of_n.expected_best_of_n``), so all N share one set of samples. Two curves:
+see ``actors.math.best_of_n.expected_best_of_n``), so all N share one set of samples. Two curves:
 - ``gold_reward``: gold reward of the sample the reward model picks;
 - ``oracle_gold_reward``: gold reward of the sample the gold scorer itself picks (the ceiling).
 The gap between them is reward-model over-optimisation. Writes best_of_n.csv, best_of_n.png,
@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from actors.best_of_n import best_of_n_kl, expected_best_of_n, n_values
-from actors.generation import GENERATION_BACKENDS, GenerationActor, SamplingConfig, generate_sharded
+from actors.math.best_of_n import best_of_n_kl, expected_best_of_n, n_values
+from actors.generation import GENERATION_BACKENDS, GenerationActor, generate_sharded
+from actors.sampling import SamplingConfig
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.reward import RewardModelActor

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from actors.batch import collate_pairs
-from actors.dpo_losses import REFERENCE_FREE_VARIANTS, VARIANTS
+from actors.math.batch import collate_pairs
+from actors.math.dpo_losses import REFERENCE_FREE_VARIANTS, VARIANTS
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig
@@ -37,7 +37,7 @@ from jobs.run.reference_cache import reference_logps
 
 @dataclass
 class DPOLossConfig:
-    variant: str = "sigmoid"      # see actors.dpo_losses.VARIANTS
+    variant: str = "sigmoid"      # see actors.math.dpo_losses.VARIANTS
     beta: float = 0.1
     label_smoothing: float = 0.0  # cdpo / robust
     simpo_gamma: float = 0.5

@@ -21,14 +21,15 @@ import ray
 import torch
 from tqdm import tqdm
 
-from actors.batch import collate_sequences
+from actors.math.batch import collate_sequences
 from actors.critic import CriticActor
-from actors.generation import GENERATION_BACKENDS, Completion, GenerationActor, SamplingConfig, generate_sharded
+from actors.generation import GENERATION_BACKENDS, GenerationActor, generate_sharded
+from actors.sampling import Completion, SamplingConfig
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig
 from actors.policy import PolicyActor
-from actors.ppo_math import (AdaptiveKLController, FixedKLController, gae_advantages, kl_estimate,
+from actors.math.ppo_math import (AdaptiveKLController, FixedKLController, gae_advantages, kl_estimate,
                              kl_penalized_rewards, masked_mean, masked_whiten)
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor

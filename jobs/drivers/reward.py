@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from actors.batch import collate_pairs
-from actors.generation import GenerationActor, SamplingConfig, generate_sharded
+from actors.math.batch import collate_pairs
+from actors.generation import GenerationActor, generate_sharded
+from actors.sampling import SamplingConfig
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.batch import collate_sequences
+from actors.math.batch import collate_sequences
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from actors.batch import collate_sequences
-from actors.generation import GenerationActor, SamplingConfig, generate_sharded
+from actors.math.batch import collate_sequences
+from actors.generation import GenerationActor, generate_sharded
+from actors.sampling import SamplingConfig
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.reference import ReferenceActor

@@ -138,11 +138,11 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 @dataclasses.dataclass
 class TrainingRoleConfig:
     """How a trainable role (policy, critic) is laid out: one actor, or an FSDP2-sharded group of
-    ``num_workers`` actors in a Ray placement group (``actors.sharded``)."""
+    ``num_workers`` actors in a Ray placement group (``actors.fsdp``)."""
 
     num_workers: int = 1
     strategy: str = "PACK"          # placement of the group's bundles: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
-    fsdp: dict = dataclasses.field(default_factory=dict)  # actors.sharded.FSDPConfig: cpu_offload, reshard_after_forward, backend
+    fsdp: dict = dataclasses.field(default_factory=dict)  # actors.fsdp.mixin.FSDPConfig: cpu_offload, reshard_after_forward, backend
     colocate_with: str | None = None  # share the bundles (and GPUs) of another sharded role, e.g. critic with policy
     share: float = 1.0              # the fraction of each bundle this role takes when colocated
     # Memory savers and adapters (actors.worker): {} / False = off.
@@ -158,7 +158,7 @@ class TrainingRoleConfig:
                 "packing": self.packing, "offload_optimizer": self.offload_optimizer}
 
     def validate(self, key: str, roles: tuple[str, ...] = ()) -> None:
-        from actors.sharded import STRATEGIES, FSDPConfig
+        from actors.fsdp.mixin import STRATEGIES, FSDPConfig
         from jobs.run.config import ConfigError
 
         if self.num_workers < 1:
@@ -191,7 +191,7 @@ class TrainingRoleConfig:
 def build_training_group(actor_cls: type, role: str, layout: TrainingRoleConfig, *, resources: ActorResources,
                          init_kwargs: dict, call_timeout_s: float, colocate_with=None):
     """A plain ActorGroup for one worker, an FSDP2 ShardedActorGroup for more (same driver code)."""
-    from actors.sharded import training_group
+    from actors.fsdp.group import training_group
 
     init_kwargs = {**init_kwargs, **layout.actor_options()}
     return training_group(actor_cls, role, layout.num_workers, resources=resources, init_kwargs=init_kwargs,

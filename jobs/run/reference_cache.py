@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.batch import collate_pairs
+from actors.math.batch import collate_pairs
 from actors.models import cache_root, resolve_model_path
 from jobs.run.batching import EncodedPair
 

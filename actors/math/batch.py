@@ -1,10 +1,12 @@
-"""Turning lists of token ids into padded tensor batches (see ``actors.logprobs`` for the layout)."""
+"""Turning lists of token ids into padded tensor batches (see ``actors.math.logprobs`` for the layout)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+
+from actors.math.logprobs import position_ids_from_mask
 
 Batch = dict[str, torch.Tensor]
 
@@ -96,8 +98,6 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[to
     (``masking_utils.find_packed_sequence_indices``) starts a new sequence wherever a position does not
     follow its predecessor by 1, and masks attention across sequences (sdpa/eager: a block-diagonal
     causal mask; flash-attention: varlen kernels), so each sequence sees only itself."""
-    from actors.logprobs import position_ids_from_mask
-
     keep = attention_mask.bool()
     return (input_ids[keep].unsqueeze(0), position_ids_from_mask(attention_mask)[keep].unsqueeze(0), keep)
 
