@@ -12,8 +12,9 @@ import numpy as np
 
 
 def best_of_n_kl(n: int) -> float:
-    """KL(Best-of-N || base) = log N − (N−1)/N nats (Stiennon et al. 2020; exact for continuous rewards
-    without ties, an upper bound otherwise, Beirami et al. 2024)."""
+    """log N − (N−1)/N nats: an upper bound on KL(Best-of-N || base) (Stiennon et al. 2020; Beirami et al.
+    2024), exact only in the limit where every outcome's probability goes to 0 (a continuum of distinct
+    outcomes); for the finite vocabularies sampled here the true KL is smaller."""
     if n < 1:
         raise ValueError(f"N must be >= 1, got {n}")
     return math.log(n) - (n - 1) / n

@@ -24,8 +24,9 @@ Variants (every one is a small function below, dispatched from ``preference_loss
 Conventions chosen here (documented because papers and libraries differ):
 
 * SimPO γ is the paper's *target reward margin* and is subtracted after β multiplies the averaged
-  log-probs: −log σ(β ȳ_w − β ȳ_l − γ). TRL's CPO trainer instead takes ``simpo_gamma`` = γ/β and
-  computes −log σ(β (ȳ_w − ȳ_l − simpo_gamma)); to reproduce a TRL run pass ``simpo_gamma = β · trl_gamma``.
+  log-probs: −log σ(β ȳ_w − β ȳ_l − γ). TRL's CPO trainer (``loss_type="simpo"``) uses the same
+  convention: its ``simpo_gamma`` is the full margin γ (it computes β(ȳ_w − ȳ_l) − simpo_gamma), so a
+  TRL run's ``simpo_gamma`` is passed here unchanged.
 * IPO uses per-token averaged log-probs for the loss (TRL's ``ipo`` with averaged log-probs), but its
   reported rewards are DPO's summed-log-prob implicit rewards β(log π − log π_ref), so the reward
   curves of every reference-based variant are on the same scale.

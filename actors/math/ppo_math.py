@@ -285,7 +285,8 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
 
 def best_of_n_kl(n) -> torch.Tensor:
     """Analytic KL(π_BoN ‖ π) of Best-of-N sampling: log n − (n − 1)/n (Stiennon et al. 2020; Beirami et al.
-    2024 show it is an upper bound, exact for distinct outcomes). ``n`` ≥ 1, int or tensor → float64 tensor."""
+    2024 show it is an upper bound on the true KL for discrete outcomes, approached only as every outcome's
+    probability goes to 0). ``n`` ≥ 1, int or tensor → float64 tensor."""
     n = torch.as_tensor(n, dtype=torch.float64)
     if bool((n < 1).any()):
         raise ValueError(f"best_of_n_kl needs n >= 1, got {n.tolist()}")
