@@ -326,3 +326,15 @@ def test_skip_bad_rows_flag_reaches_the_load_report(tmp_path):
     assert run_cli(DPOConfig, job, "python -m jobs.dpo", None, argv + ["--skip-bad-rows"]) == 0
     assert sorted(triples(seen["train"])) == GOOD_TRIPLES
     assert seen["report"]["train"].endswith("4 rows, 3 kept, 1 skipped (empty_text: 1)")
+
+
+def test_overrides_may_come_before_between_and_after_the_options(tmp_path):
+    seen = {}
+
+    def job(config):
+        seen.update(beta=config.loss.beta, train=config.data.train, seed=config.seed)
+
+    argv = ["loss.beta=0.3", "--preset", "dpo_tiny", "--data", "jsonl:a.jsonl", "seed=7", "--skip-bad-rows",
+            f"output_dir={tmp_path}"]
+    assert run_cli(DPOConfig, job, "python -m jobs.dpo", None, argv) == 0
+    assert seen == {"beta": 0.3, "train": "jsonl:a.jsonl", "seed": 7}

@@ -203,7 +203,9 @@ def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str 
                             help="continue from the run's newest checkpoint (a fresh start if it has none)")
         parser.add_argument("--resume-from", default=None, metavar="PATH", help="continue from this checkpoint folder")
     parser.add_argument("overrides", nargs="*", help=override_help)
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come before, between or after the options (`--data X seed=1` and
+    # `seed=1 --data X` mean the same); plain parse_args stops collecting positionals at the first option.
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.train={args.data}")
