@@ -38,6 +38,21 @@ class ActorCallError(RuntimeError):
     """A remote call failed, died or timed out; the message names the role, actor and method."""
 
 
+# actor id (hex) -> (role, name) of every actor a group created in this driver, so that an error about a
+# dead actor names that actor whichever group's gather saw it.
+_CREATED: dict[str, tuple[str, str]] = {}
+
+
+def register_actors(role: str, names: Sequence[str], actors: Sequence) -> None:
+    for name, actor in zip(names, actors):
+        _CREATED[actor._actor_id.hex()] = (role, name)
+
+
+def describe_actor_error(exc: RayActorError, unknown: str) -> str:
+    role_name = _CREATED.get(getattr(exc, "actor_id", None) or "")
+    return f"actor '{role_name[1]}' of role '{role_name[0]}'" if role_name else unknown
+
+
 class ActorGroup:
     def __init__(self, actor_cls: type, role: str, *, num_actors: int = 1, resources: ActorResources | None = None,
                  init_kwargs: dict[str, Any] | None = None, indexed_names: bool | None = None,
@@ -62,6 +77,7 @@ class ActorGroup:
             ).remote(**kwargs)
             for name in self.names
         ]
+        register_actors(role, self.names, self.actors)
 
     def pin_cores(self) -> list[list[int]]:
         """Actor i keeps to cores [i*t, (i+1)*t) with t = torch_threads (wrapping around the machine)."""
@@ -94,14 +110,28 @@ class ActorGroup:
         except GetTimeoutError as exc:
             raise ActorCallError(f"{self.role}.{method} did not finish within {timeout:.0f} s") from exc
         except RayActorError as exc:
-            raise ActorCallError(f"{self.role}.{method}: an actor of role '{self.role}' died: {exc}") from exc
+            raise ActorCallError(f"{self.role}.{method}: {self.describe_dead(exc)} died: {exc}") from exc
+
+    def describe_dead(self, exc: RayActorError) -> str:
+        """Which actor an ActorDiedError is about, by the name and role it was created with, so a dead
+        critic awaited next to the policy's refs is reported as the critic, not as the policy."""
+        return describe_actor_error(exc, f"an actor awaited by role '{self.role}'")
+
+    def submit(self, method: str, *args, **kwargs) -> ray.ObjectRef:
+        """The role's one answer, as one ObjectRef: the single actor's, or a sharded group's combined result.
+        A group of several independent actors has no single answer: use ``call_all`` (every actor's) or
+        ``map_shards`` (a list split across them)."""
+        if len(self.actors) != 1:
+            raise ValueError(f"{self.role}.{method}: submit needs a one-actor role, this one has {len(self.actors)} "
+                             f"(use call_all for every actor's answer, or map_shards)")
+        return self.call_all(method, *args, **kwargs)[0]
 
     def run_all(self, method: str, *args, timeout_s: float | None = None, **kwargs) -> list:
         return self.get(self.call_all(method, *args, **kwargs), method, timeout_s)
 
     def run_one(self, method: str, *args, timeout_s: float | None = None, **kwargs):
-        """Call the first actor only (single-actor roles such as the reference)."""
-        return self.get(getattr(self.actors[0], method).remote(*args, **kwargs), method, timeout_s)
+        """``submit`` and wait: the role's one answer."""
+        return self.get(self.submit(method, *args, **kwargs), method, timeout_s)
 
     def shard(self, items: Sequence) -> list[list]:
         """Contiguous, near-equal shards, one per actor (some may be empty if items < actors)."""

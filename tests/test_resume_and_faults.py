@@ -148,7 +148,7 @@ def test_dpo_writes_checkpoints_and_prunes_to_keep(dpo_reference):
 def test_dpo_interrupted_then_resumed_equals_the_uninterrupted_run(dpo_reference):
     out, _ = dpo_reference
     # The policy process is killed at step 5 and the run is not allowed to recover: it stops.
-    with pytest.raises(ActorCallError, match="policy.train_dpo: an actor of role 'policy' died"):
+    with pytest.raises(ActorCallError, match="policy.train_dpo: actor 'policy' of role 'policy' died"):
         train_dpo(_dpo(out, "cut", "faults.kill_at_step=policy@5", "faults.max_recoveries=0"))
     assert [p.name for p in list_checkpoints(out / "cut")] == ["step_000002", "step_000004"]
     summary = train_dpo(_dpo(out, "cut", "checkpoint.resume=latest"))

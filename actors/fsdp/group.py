@@ -11,7 +11,7 @@ import torch
 
 from actors.fsdp.mixin import ROW_SHARD, STRATEGIES, FSDPConfig, ShardedMixin
 from actors.fsdp.roles import SHARDED_CLASSES
-from actors.group import ActorCallError, ActorGroup, ActorResources, _is_large
+from actors.group import ActorCallError, ActorGroup, ActorResources, _is_large, register_actors
 
 
 # -- combining the ranks' results -----------------------------------------------------------------
@@ -173,6 +173,7 @@ class ShardedActorGroup(ActorGroup):
                 ).remote(rank=rank, world_size=num_workers, master_addr=address, master_port=port, **kwargs)
                 for rank, name in enumerate(self.names)
             ]
+            register_actors(role, self.names, self.actors)
         except Exception:
             self.placement.release(role)
             raise
@@ -185,8 +186,12 @@ class ShardedActorGroup(ActorGroup):
             return [refs[0]]
         return [_combine.remote(refs)]  # refs inside a list: passed unresolved, awaited in the task
 
+    def submit(self, method: str, *args, **kwargs) -> ray.ObjectRef:
+        """The group's one answer: rank 0's weights for ``named_weights``, else the ranks' results combined."""
+        return self.call_all(method, *args, **kwargs)[0]
+
     def run_one(self, method: str, *args, timeout_s: float | None = None, **kwargs):
-        return self.get(self.call_all(method, *args, **kwargs)[0], method, timeout_s)
+        return self.get(self.submit(method, *args, **kwargs), method, timeout_s)
 
     def run_all(self, method: str, *args, timeout_s: float | None = None, **kwargs) -> list:
         return [self.run_one(method, *args, timeout_s=timeout_s, **kwargs)]
