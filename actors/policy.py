@@ -169,7 +169,8 @@ class PolicyActor(TrainableMixin, ModelWorker):
         ratio_dev = ((out.token_logps.detach() - old).exp() - 1).abs() * out.mask
         return loss, {"actor/pg_loss": float(pg_loss.detach()), "actor/pg_clipfrac": float(clipfrac),
                       "actor/approx_kl": float(approx_kl), "actor/entropy": float(entropy.detach()),
-                      "actor/kl_loss": float(kl_term.detach()), "actor/ratio_max_dev": float(ratio_dev.max()),
+                      "actor/kl_loss": float(kl_term.detach()), "actor/kl_in_loss_coef": float(kl_coef),
+                      "actor/ratio_max_dev": float(ratio_dev.max()),
                       "tokens": float(mb["attention_mask"].sum())}
 
     # -- state ------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from jobs.run.config import ConfigError, build_config
-from jobs.drivers.ppo import PPOConfig, train
+from actors.math.ppo_math import AdaptiveKLController
+from jobs.drivers.ppo import PPOConfig, step_ppo_args, train
 
 PPO_METRICS = ("actor/pg_loss", "actor/pg_clipfrac", "actor/approx_kl", "actor/entropy", "critic/vf_loss",
                "critic/vf_clipfrac", "critic/vf_explained_var", "reward/score_mean", "reward/kl_penalty",
@@ -79,3 +80,18 @@ def test_adaptive_kl_controller_reins_in_kl(ppo_run, tmp_path):
 def test_bad_ppo_config_is_rejected_naming_the_key(override, key):
     with pytest.raises((ConfigError, ValueError), match=key.replace(".", r"\.")):
         build_config(PPOConfig, "ppo_tiny", [override])
+
+
+def test_in_loss_kl_uses_the_adaptive_controllers_coefficient_each_step():
+    """kl.in_loss + kl.adaptive: the policy's per-step hyper-parameters carry the controller's current β.
+    Ziegler's update from β=0.2 with KL=3, target 1 (error 2 clipped to 0.2), 64 samples, horizon 64:
+    β = 0.2 · (1 + 0.2 · 64/64) ≈ 0.24, compared with the same float expression (== holds exactly)."""
+    config = build_config(PPOConfig, "ppo_tiny", ["kl.in_loss=true", "kl.adaptive=true", "kl.coef=0.2",
+                                                  "kl.target=1.0", "kl.horizon=64"])
+    ctl = AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon)
+    assert step_ppo_args({"clip_eps": 0.2}, config, ctl)["kl_in_loss_coef"] == 0.2
+    ctl.update(3.0, 64)
+    args = step_ppo_args({"clip_eps": 0.2}, config, ctl)
+    assert args["kl_in_loss_coef"] == 0.2 * (1.0 + 0.2 * 64 / 64) and args["clip_eps"] == 0.2
+    off = build_config(PPOConfig, "ppo_tiny", ["kl.adaptive=true", "kl.target=1.0", "kl.horizon=64"])
+    assert step_ppo_args({}, off, ctl)["kl_in_loss_coef"] == 0.0  # KL in the reward, not the loss

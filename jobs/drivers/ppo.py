@@ -339,14 +339,19 @@ def restore_checkpoint(fleet: Fleet, folder: Path, step: int) -> None:
     fleet.push_weights(step)
 
 
+def step_ppo_args(ppo_args: dict, config: PPOConfig, kl_ctl) -> dict:
+    """This step's policy hyper-parameters: with ``kl.in_loss`` the in-loss KL coefficient is the
+    controller's current value (adaptive or fixed), read afresh each step, not the initial ``kl.coef``."""
+    return {**ppo_args, "kl_in_loss_coef": kl_ctl.value if config.kl.in_loss else 0.0}
+
+
 def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_from: Path | None, recoveries: int,
                    faults: FaultInjector) -> dict:
     out = Path(config.output_dir) / config.run_name
     fleet = build_fleet(config)
     try:
         hp = config.ppo
-        ppo_args = {**dataclasses.asdict(hp), "seed": config.seed,
-                    "kl_in_loss_coef": config.kl.coef if config.kl.in_loss else 0.0}
+        ppo_args = {**dataclasses.asdict(hp), "seed": config.seed}
         kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
                   else FixedKLController(config.kl.coef))
         prompt_batches = ShuffledBatches(len(train_ids), config.prompts_per_step, config.seed)
@@ -420,7 +425,8 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
             timing["advantages"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            actor_ref = fleet.policy.call_all("train_ppo", rollout.batch, old_logprobs, advantages, ppo_args,
+            actor_ref = fleet.policy.call_all("train_ppo", rollout.batch, old_logprobs, advantages,
+                                              step_ppo_args(ppo_args, config, kl_ctl),
                                               ref_logprobs if config.kl.in_loss else None)[0]
             critic_ref = fleet.critic.call_all("train_value", rollout.batch, values, returns, ppo_args)[0]
             actor_metrics, critic_metrics = fleet.policy.get([actor_ref, critic_ref], "train")
