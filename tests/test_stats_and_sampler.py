@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from jobs.run.sampler import ShuffledBatches, plan_steps
-from jobs.experiment.stats import bootstrap_ci
+import pandas as pd
+
+from jobs.experiment.stats import bootstrap_ci, paired_difference, prompt_bootstrap, significant
 
 
 def test_bootstrap_ci_matches_a_direct_resampling_loop():
@@ -29,6 +31,32 @@ def test_bootstrap_ci_narrows_with_more_data_and_handles_one_value():
     assert bootstrap_ci([0.5]) == (0.5, 0.5)
     with pytest.raises(ValueError, match="non-empty"):
         bootstrap_ci([])
+
+
+def test_prompt_bootstrap_resamples_prompts_not_samples():
+    # prompt 0 has three samples scoring 0, prompt 1 one sample scoring 1: per-prompt means (0, 1),
+    # estimate 0.5 (not the sample mean 0.25). Resampling two prompts gives the means {0, .5, 1} with
+    # probabilities {1/4, 1/2, 1/4}, so with 4000 draws the 2.5% / 97.5% quantiles are exactly 0 and 1
+    # (the chance that fewer than 2.5% of 4000 draws land on an end, each 1/4, is astronomically small).
+    frame = pd.DataFrame({"prompt_index": [0, 0, 0, 1], "gold": [0.0, 0.0, 0.0, 1.0]})
+    assert prompt_bootstrap(frame, "gold", resamples=4000) == (0.5, 0.0, 1.0)
+    # resampling samples singly would include 0.0 as its low end too but put the mean at 0.25
+    assert bootstrap_ci(frame["gold"].to_numpy(), resamples=4000)[0] == 0.0
+
+
+def test_paired_difference_cancels_prompt_effects_and_uses_common_prompts():
+    # b varies a lot across prompts; a = b + 0.25 on every shared prompt: the paired difference is
+    # exactly 0.25 with a zero-width interval, while the unpaired intervals of a and b overlap widely.
+    b = pd.DataFrame({"prompt_index": [0, 0, 1, 1, 2, 2], "gold": [0.0, 0.5, 2.0, 1.0, -1.0, -2.0]})
+    a = pd.DataFrame({"prompt_index": [0, 0, 1, 1, 2, 2, 7], "gold": [0.25, 0.75, 1.75, 1.75, -1.25, -1.25, 9.0]})
+    diff, low, high = paired_difference(a, b, "gold")  # prompt 7 is only in a: ignored
+    assert (diff, low, high) == (0.25, 0.25, 0.25)
+    assert significant(low, high)
+    a_ci, b_ci = prompt_bootstrap(a[a.prompt_index < 7], "gold"), prompt_bootstrap(b, "gold")
+    assert a_ci[1] < b_ci[2] and b_ci[1] < a_ci[2]
+    assert not significant(-0.1, 0.2)
+    with pytest.raises(ValueError, match="share no prompt_index"):
+        paired_difference(a[a.prompt_index == 7], b, "gold")
 
 
 def test_shuffled_batches_cover_each_pass_once_and_are_seeded():
