@@ -1,7 +1,9 @@
 """A preference dataset made by sampling a policy and labelling every pair with a gold scorer.
 
 The DPO paper's controlled-sentiment protocol: k samples per prompt from the SFT policy, all
-k·(k−1)/2 pairs per prompt, the higher gold score is ``chosen``; ties are dropped. Written as JSONL
+k·(k−1)/2 pairs per prompt, the higher gold score is ``chosen``; ties are dropped. ``pairing:
+best_vs_worst`` keeps one pair per prompt instead, its best and worst sample by gold score: the
+cleanest label a prompt offers (the largest gap), at the price of fewer pairs. Written as JSONL
 in the shared data layer's generic layout (prompt, chosen, rejected, scores), so every job reads it
 with ``data.train=jsonl:<path>``.
 """
@@ -21,14 +23,20 @@ from actors.models import load_tokenizer
 from actors.reward import RewardModelActor
 
 
+PAIRINGS = ("all", "best_vs_worst")
+
+
 @dataclass
 class PreferenceDataConfig:
     samples_per_prompt: int = 4
     num_prompts: int = 64
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=32))
     min_gap: float = 0.0           # drop pairs whose gold scores differ by no more than this
+    pairing: str = "all"           # all: every pair of a prompt's samples | best_vs_worst: one pair per prompt
 
     def validate(self, prefix: str = "preference") -> None:
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"{prefix}.pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
         if self.samples_per_prompt < 2:
             raise ValueError(f"{prefix}.samples_per_prompt must be >= 2 to form pairs, got {self.samples_per_prompt}")
         if self.num_prompts < 1:
@@ -36,10 +44,20 @@ class PreferenceDataConfig:
         self.sampling.validate(f"{prefix}.sampling")
 
 
-def label_pairs(prompt: str, responses: list[str], scores: list[float], min_gap: float = 0.0) -> list[dict]:
-    """Every pair of distinct samples, the higher-scored one chosen; pairs within ``min_gap`` dropped."""
+def label_pairs(prompt: str, responses: list[str], scores: list[float], min_gap: float = 0.0,
+                pairing: str = "all") -> list[dict]:
+    """Every pair of distinct samples (``all``), or only the best and the worst sample (``best_vs_worst``;
+    the first of tied samples); the higher-scored one chosen; pairs within ``min_gap`` dropped."""
     rows = []
-    for i, j in itertools.combinations(range(len(responses)), 2):
+    candidates = itertools.combinations(range(len(responses)), 2)
+    if pairing == "best_vs_worst":
+        usable = [k for k, r in enumerate(responses) if r.strip()]
+        if len(usable) < 2:
+            return []
+        best = max(usable, key=lambda k: (scores[k], -k))
+        worst = min(usable, key=lambda k: (scores[k], k))
+        candidates = [(min(best, worst), max(best, worst))] if best != worst else []
+    for i, j in candidates:
         if abs(scores[i] - scores[j]) <= min_gap or responses[i] == responses[j]:
             continue
         if not responses[i].strip() or not responses[j].strip():  # an immediate EOS: nothing to prefer
@@ -77,7 +95,8 @@ def build_preference_data(policy: str, prompts: list[str], gold_scorer: str, con
         by_prompt.setdefault(c.prompt_index, []).append((text, s))
     rows = []
     for index, samples in sorted(by_prompt.items()):
-        rows.extend(label_pairs(prompts[index], [t for t, _ in samples], [s for _, s in samples], config.min_gap))
+        rows.extend(label_pairs(prompts[index], [t for t, _ in samples], [s for _, s in samples], config.min_gap,
+                                config.pairing))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w") as f:
