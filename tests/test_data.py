@@ -561,3 +561,56 @@ def test_shuffled_is_seeded_and_leaves_the_input_alone():
     records = numbered_prompts(20)
     assert shuffled(records, 1) == shuffled(records, 1) != records
     assert records == numbered_prompts(20)
+
+
+def _openai_comparison(raw: dict, choice: int) -> dict:
+    """The fixture's first row rewritten in OpenAI's summarize-from-feedback comparisons layout."""
+    header, post = raw["prompt"].removesuffix("\n\nTL;DR:").split("\n\nPOST: ")
+    subreddit, title = header.removeprefix("SUBREDDIT: r/").split("\n\nTITLE: ")
+    summaries = [{"text": raw["chosen"], "policy": "ref"}, {"text": raw["rejected"], "policy": "sup"}]
+    if choice == 1:
+        summaries.reverse()
+    return {"info": {"id": "t3_x", "post": post, "title": title, "subreddit": subreddit},
+            "summaries": summaries, "choice": choice, "worker": "w1"}
+
+
+@pytest.mark.parametrize("file_format", ["jsonl", "parquet"])
+def test_tldr_reads_openai_comparisons_layout_as_the_same_pair(tmp_path, file_format):
+    raw = read_jsonl(FIXTURES / "tldr_preference.jsonl")[0]
+    expected, _ = load_preference_pairs(f"tldr:{write_jsonl(tmp_path / 'trl.jsonl', [raw])}")
+    rows = [_openai_comparison(raw, 0), _openai_comparison(raw, 1) | {"info": {"post": "Other post."}}]
+    if file_format == "parquet":
+        path = tmp_path / "openai.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path = write_jsonl(tmp_path / "openai.jsonl", rows)
+    pairs, report = load_preference_pairs(f"tldr:{path}")
+    assert report.kept == 2
+    # Same rendering as trl-lib/tldr-preference; choice picks the preferred summary whatever its index.
+    assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == (expected[0].prompt, expected[0].chosen,
+                                                                    expected[0].rejected)
+    assert (pairs[1].prompt, pairs[1].chosen) == ("POST: Other post.\n\nTL;DR:", expected[0].chosen)
+
+
+def test_tldr_missing_field_names_both_layouts(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"summaries": [{"text": " a"}, {"text": " b"}], "choice": 0}])
+    with pytest.raises(DataError) as caught:
+        load_preference_pairs(f"tldr:{path}")
+    assert str(caught.value) == (
+        f"{path}: row 1, field 'info': missing (no such column or key); TL;DR rows are either prompt / chosen / "
+        "rejected (trl-lib/tldr-preference) or OpenAI's comparisons (info.post, summaries[i].text, choice)")
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("prompt,chosen\nQ?,A.\n")
+    with pytest.raises(DataError, match=r"field 'rejected': no such column; the columns are: prompt, chosen; "
+                                        r"the layouts read are: prompt, chosen, rejected or info, summaries, choice"):
+        load_preference_pairs(f"tldr:{csv_path}")
+
+
+def test_hh_and_ultrafeedback_missing_field_names_their_layout(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "Q?"}])
+    with pytest.raises(DataError, match=r"field 'chosen': missing .*; HH-RLHF rows hold chosen / rejected "
+                                        r"transcripts of Human: / Assistant: turns"):
+        load_preference_pairs(f"hh:{path}")
+    with pytest.raises(DataError, match=r"; UltraFeedback rows hold chosen / rejected chat messages and "
+                                        r"score_chosen / score_rejected"):
+        load_preference_pairs(f"ultrafeedback:{path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterable, Mapping
 from typing import Union
@@ -17,12 +18,29 @@ from jobs.data.records import (
     Record,
     SCORE_FIELDS,
     _HTML_BREAK,
+    _as_list,
     _pair_key,
     _prompt_key,
     _type_name,
     split_hh_transcript,
 )
 from jobs.data.rows import _Row
+
+
+def _accepts(layouts: str):
+    """Decorate an adapter so its missing-field errors name the row layouts it reads: a user whose
+    file has another layout learns what to convert to, not only which key is absent."""
+    def wrap(parse):
+        @functools.wraps(parse)
+        def parse_row(row: _Row):
+            try:
+                return parse(row)
+            except DataError as err:
+                if err.reason != "missing_field":
+                    raise
+                raise DataError(err.source, f"{err.problem}; {layouts}", err.row, err.field, err.reason) from None
+        return parse_row
+    return wrap
 
 
 def _hh_turns(row: _Row, name: str) -> tuple[str, str]:
@@ -34,6 +52,7 @@ def _hh_turns(row: _Row, name: str) -> tuple[str, str]:
     return prompt, row.checked_text(name, response, "final assistant turn")
 
 
+@_accepts("HH-RLHF rows hold chosen / rejected transcripts of Human: / Assistant: turns (Anthropic/hh-rlhf)")
 def _hh_row(row: _Row) -> PreferencePair:
     prompt, chosen = _hh_turns(row, "chosen")
     rejected_prompt, rejected = _hh_turns(row, "rejected")
@@ -42,13 +61,58 @@ def _hh_row(row: _Row) -> PreferencePair:
     return row.pair(prompt, chosen, rejected)
 
 
+TLDR_LAYOUTS = ("TL;DR rows are either prompt / chosen / rejected (trl-lib/tldr-preference) or OpenAI's "
+                "comparisons (info.post, summaries[i].text, choice)")
+
+
+def _nested_text(row: _Row, value, name: str) -> str:
+    if value is None:
+        raise row.error(name, "missing (no such column or key)", "missing_field")
+    if not isinstance(value, str):
+        raise row.error(name, f"expected text, got {_type_name(value)}", "wrong_type")
+    return row.checked_text(name, value)
+
+
+def _openai_tldr_row(row: _Row) -> PreferencePair:
+    """OpenAI's summarize-from-feedback comparisons: the prompt is rendered as trl-lib/tldr-preference
+    renders it (SUBREDDIT / TITLE / POST / "TL;DR:"), so both layouts give the same pairs."""
+    info = row.raw("info")
+    if not isinstance(info, Mapping):
+        raise row.error("info", f"expected an object with 'post', got {_type_name(info)}", "wrong_type")
+    parts = []
+    if info.get("subreddit") is not None:
+        parts.append(f"SUBREDDIT: r/{_nested_text(row, info['subreddit'], 'info.subreddit')}")
+    if info.get("title") is not None:
+        parts.append(f"TITLE: {_nested_text(row, info['title'], 'info.title')}")
+    parts.append(f"POST: {_nested_text(row, info.get('post'), 'info.post')}")
+    summaries = _as_list(row.raw("summaries"))
+    if summaries is None or len(summaries) != 2:
+        raise row.error("summaries", "expected a list of two summaries", "wrong_type")
+    choice = row.integer("choice")
+    if choice not in (0, 1):
+        raise row.error("choice", f"expected 0 or 1 (the index of the preferred summary), got {choice}", "wrong_type")
+    texts = []
+    for index, summary in enumerate(summaries):
+        name = f"summaries[{index}].text"
+        if not isinstance(summary, Mapping):
+            raise row.error(name, f"expected an object with 'text', got {_type_name(summary)}", "wrong_type")
+        texts.append(_nested_text(row, summary.get("text"), name).lstrip())
+    metadata = {key: info[key] for key in ("id", "subreddit") if isinstance(info.get(key), str)}
+    return row.pair("\n\n".join(parts) + "\n\nTL;DR:", texts[choice], texts[1 - choice], metadata)
+
+
+@_accepts(TLDR_LAYOUTS)
 def _tldr_row(row: _Row) -> PreferencePair:
+    if not row.has("prompt") and (row.has("summaries") or row.has("info")):
+        return _openai_tldr_row(row)
     # TL;DR summaries start with the space after "TL;DR:"; dropped like HH's (join_prompt_response).
     prompt = row.text("prompt")
     chosen, rejected = row.text("chosen").lstrip(), row.text("rejected").lstrip()
     return row.pair(prompt, chosen, rejected, row.extras(("prompt", "chosen", "rejected")))
 
 
+@_accepts("UltraFeedback rows hold chosen / rejected chat messages and score_chosen / score_rejected "
+          "(HuggingFaceH4/ultrafeedback_binarized)")
 def _ultrafeedback_row(row: _Row) -> PreferencePair:
     conversations = {}
     for name in ("chosen", "rejected"):

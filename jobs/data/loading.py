@@ -100,7 +100,9 @@ def parse_spec(spec: str | os.PathLike) -> DataSpec:
 def _open_rows(data: DataSpec, needed_fields: Iterable[str], columns: Mapping[str, str] | None,
                split: str | None, hub_kwargs: Mapping | None) -> tuple[Iterator[RowItem], str, bool]:
     """(numbered rows, source name for messages, whether cells are text) for a parsed spec."""
-    needed = [(columns or {}).get(name, name) for name in needed_fields]
+    rename = (columns or {}).get
+    needed = [rename(name, name) if isinstance(name, str) else tuple(rename(n, n) for n in name)
+              for name in needed_fields]
     if data.is_hub:
         default_id, default_split = HUB_DATASETS.get(data.adapter, (None, "train"))
         hub_id, split = data.hub_id or default_id, split or data.split or default_split
@@ -121,8 +123,9 @@ def _open_rows(data: DataSpec, needed_fields: Iterable[str], columns: Mapping[st
 
 
 _PAIR_PARSERS = {"hh": _hh_row, "tldr": _tldr_row, "ultrafeedback": _ultrafeedback_row, "generic": _generic_pair_row}
-# Columns that must exist in a file's header (CSV, Parquet) or a hub dataset, checked before any row.
-_PAIR_COLUMNS = {"hh": ("chosen", "rejected"), "tldr": ("prompt", "chosen", "rejected"),
+# Columns that must exist in a file's header (CSV, Parquet) or a hub dataset, checked before any row
+# (tuples: alternative layouts, one of which must be complete).
+_PAIR_COLUMNS = {"hh": ("chosen", "rejected"), "tldr": (("prompt", "chosen", "rejected"), ("info", "summaries", "choice")),
                  "ultrafeedback": ("chosen", "rejected", "score_chosen", "score_rejected"),
                  "generic": ("chosen", "rejected")}
 

@@ -84,12 +84,20 @@ def _read_json(path: Path, source: str) -> Iterator[RowItem]:
 
 
 def _check_columns(source: str, available: Iterable[str], needed: Iterable[str]) -> None:
-    """A missing column is the file's problem, not a row's: raised even with skip_bad_rows."""
+    """A missing column is the file's problem, not a row's: raised even with skip_bad_rows.
+
+    ``needed`` holds column names, or tuples of them for a source read in several layouts (TL;DR):
+    then the header must hold one whole layout, and the error names them all."""
     available = list(available)
-    for column in needed:
-        if column not in available:
-            raise DataError(source, f"no such column; the columns are: {', '.join(map(str, available))}",
-                            field=column, reason="missing_field")
+    needed = list(needed)
+    layouts = [tuple(layout) for layout in needed] if needed and not isinstance(needed[0], str) else [needed]
+    if any(all(column in available for column in layout) for layout in layouts):
+        return
+    missing = next(column for column in layouts[0] if column not in available)
+    problem = f"no such column; the columns are: {', '.join(map(str, available))}"
+    if len(layouts) > 1:
+        problem += "; the layouts read are: " + " or ".join(", ".join(layout) for layout in layouts)
+    raise DataError(source, problem, field=missing, reason="missing_field")
 
 
 def _read_csv(path: Path, source: str, needed: Iterable[str]) -> Iterator[RowItem]:
