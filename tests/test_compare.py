@@ -146,3 +146,17 @@ def test_every_compare_preset_and_its_stage_configs_validate(preset):
         _job_config(BestOfNConfig, {"model": config.model, "gold_scorer": config.gold_scorer,
                                     "reward": {"kind": "gold", "scorer": config.gold_scorer}}, config.best_of_n)
     assert len(config.dpo_betas) >= 2 and (len(config.ppo_kl_coefs) >= 3 or preset == "compare_tiny")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dpo.betaa=0.1", "unknown config key 'dpo.betaa'"),
+    ("ppo.kl.coeff=0.1", "unknown config key 'ppo.kl.coeff'"),
+    ("reward.lr=0.1", "unknown config key 'reward.lr'"),
+    ("best_of_n.nn=3", "unknown config key 'best_of_n.nn'"),
+    ("dpo.loss.beta=abc", "dpo.loss.beta: expected a number"),
+])
+def test_every_stage_section_is_checked_when_the_config_is_built(override, message):
+    # build_config is what the CLI runs before init_ray: the error comes before any stage or actor
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config(CompareConfig, "compare_tiny", [override])
+    build_config(CompareConfig, "compare_tiny", ["dpo.loss.beta=0.2"])  # a good key in the same place passes

@@ -65,6 +65,26 @@ class CompareConfig:
             raise ConfigError(f"dpo_betas must be > 0, got {self.dpo_betas}")
         if self.prompts.eval_fraction <= 0 and not self.prompts.eval:
             raise ConfigError("prompts.eval_fraction must be > 0 (or prompts.eval set): evaluation needs held-out prompts")
+        check_stage_sections(self)
+
+
+def check_stage_sections(config: CompareConfig) -> None:
+    """Build every stage's section against its job's dataclass now, so a bad key or type anywhere in a
+    preset (``dpo.betaa``) fails before any actor starts, not after the stages before it have run.
+    Keys and types only: a job's own validate() needs paths (pairs, checkpoints) that earlier stages write."""
+    from jobs.drivers.best_of_n import BestOfNConfig
+    from jobs.drivers.dpo import DPOConfig
+    from jobs.drivers.ppo import PPOConfig
+    from jobs.drivers.reward import RewardTrainConfig
+    from jobs.drivers.sft import SFTConfig
+    from jobs.run.config import _build
+
+    sections = {"sft": (SFTConfig, config.sft), "reward": (RewardTrainConfig, config.reward),
+                "ppo": (PPOConfig, config.ppo), "dpo": (DPOConfig, config.dpo),
+                "preferred_ft": (SFTConfig, config.preferred_ft), "best_of_n": (BestOfNConfig, config.best_of_n)}
+    for section, (cls, values) in sections.items():
+        if values:
+            _build(cls, values, section)
 
 
 # -- stages -----------------------------------------------------------------------------------------
