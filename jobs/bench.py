@@ -2,6 +2,7 @@
 
     python -m jobs.bench generate [--model smollm2] [--backend hf,vllm] [--num-generators 1,2] [--prompts 64]
     python -m jobs.bench dpo [--model smollm2] [--sequences 8] [--seq-len 256]
+    python -m jobs.bench dpo --peer trl [--model smollm2] [--pairs 8] [--seq-len 256] [--bf16]
     python -m jobs.bench ppo [--model smollm2] [--prompts 16] [--new-tokens 48]
     python -m jobs.bench memory [--model smollm2] [--settings baseline,gradient_checkpointing,...] [--pairs 4]
 
@@ -23,6 +24,7 @@ import torch
 
 from jobs.benchmarks.ppo import add_parser as add_ppo_parser
 from jobs.benchmarks.ppo import bench_ppo
+from jobs.benchmarks.trl_peer import bench_dpo_peer
 
 
 def matmul_gflops(size: int = 1024, dtype: torch.dtype = torch.float32, seconds: float = 2.0,
@@ -191,7 +193,10 @@ def _random_pairs(pairs: int, seq_len: int, prompt_len: int, vocab: int, seed: i
 
 
 def bench_dpo(args) -> dict:
-    """One DPO optimizer step through a Ray PolicyActor vs the same class in this process."""
+    """One DPO optimizer step through a Ray PolicyActor vs the same class in this process; with
+    ``--peer trl``, this project's step against TRL's DPOTrainer on the same pairs instead."""
+    if args.peer == "trl":
+        return bench_dpo_peer(args, matmul_gflops)
     import ray
 
     from actors.group import ActorGroup, ActorResources
@@ -388,7 +393,11 @@ def main(argv=None) -> int:
     dpo.add_argument("--micro-pairs", type=int, default=4)
     dpo.add_argument("--bf16", action="store_true")
     dpo.add_argument("--threads", type=int, default=None)
-    dpo.add_argument("--repeats", type=int, default=2)
+    dpo.add_argument("--repeats", type=int, default=2, help="timed steps after the first (warm-up) step")
+    dpo.add_argument("--peer", choices=["trl"], default=None,
+                     help="run TRL's DPOTrainer on the same pairs, precision and threads, then this project's step")
+    dpo.add_argument("--pairs", type=int, default=8, help="--peer only: preference pairs per optimizer step")
+    dpo.add_argument("--beta", type=float, default=0.1, help="--peer only: DPO beta (sigmoid loss)")
     add_ppo_parser(sub)
     mem = sub.add_parser("memory", help="peak memory of DPO steps with each memory saver (a fresh process each)")
     mem.add_argument("--model", default="smollm2")

@@ -36,3 +36,48 @@ def test_memory_bench_runs_each_setting_in_its_own_process(tmp_path, capsys):
         assert other["losses"] == pytest.approx(base["losses"], abs=1e-5)
     assert base["losses"][0] == pytest.approx(0.6931472, abs=1e-6)  # the reference is the starting policy
     assert packed["tokens_per_step"] < packed["padded_tokens_per_step"]  # the batch really has padding
+
+
+def test_dpo_peer_bench_runs_trl_and_this_project_on_the_same_pairs(tmp_path):
+    pytest.importorskip("trl", reason="the TRL peer needs trl (the Makefile installs it with the test dependencies)")
+    out = tmp_path / "peer.json"
+    assert main(["dpo", "--peer", "trl", "--model", "tiny", "--pairs", "2", "--seq-len", "16", "--prompt-len", "6",
+                 "--micro-pairs", "1", "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("rayalign_tokens_per_s", "trl_tokens_per_s", "ratio_vs_trl", "rayalign_mfu", "trl_mfu",
+                "matmul_gflops_fp32", "rayalign_first_step_s", "trl_first_step_s"):
+        assert result[key] > 0, key
+    assert result["ratio_vs_trl"] == pytest.approx(result["rayalign_tokens_per_s"] / result["trl_tokens_per_s"])
+    # Same ids on both sides: the same token count per step, and 1 warm-up + 1 timed step each.
+    assert result["rayalign"]["tokens_per_step"] == result["trl"]["tokens_per_step"] > 0
+    assert len(result["rayalign"]["step_seconds"]) == len(result["trl"]["step_seconds"]) == 2
+    ours, trl = result["rayalign_first_step"], result["trl_first_step"]
+    # Both start from the same weights with the reference equal to them: loss log 2, rewards 0.
+    assert ours["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    # The same DPO on the same fp32 ids: summed response log-probs (~-130 over ~20 tokens) agree to fp32
+    # rounding of a 2-layer forward (ulp(130) ~ 1e-5, summed over ~20 terms), so 1e-3 is ample.
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert ours[key] == pytest.approx(trl[key], abs=1e-3), key
+    assert ours["logps/chosen"] < 0 and ours["logps/rejected"] < 0
+
+
+def test_dpo_peer_bench_honours_bf16_on_both_sides():
+    pytest.importorskip("trl", reason="the TRL peer needs trl")
+    from types import SimpleNamespace
+
+    from jobs.bench import matmul_gflops
+    from jobs.benchmarks.trl_peer import bench_dpo_peer
+
+    def run(bf16):
+        args = SimpleNamespace(model="tiny", pairs=2, seq_len=16, prompt_len=6, micro_pairs=2, repeats=1, threads=1,
+                               bf16=bf16, beta=0.1)
+        return bench_dpo_peer(args, lambda **kw: matmul_gflops(seconds=0.2, **kw))
+
+    fp32, bf16 = run(False), run(True)
+    assert bf16["bf16_autocast"] is True and bf16["matmul_gflops_bf16"] > 0 and "matmul_gflops_fp32" in fp32
+    for side in ("rayalign_first_step", "trl_first_step"):
+        # The switch reaches each side's forward: bf16 rounding moves the summed log-probs off fp32's.
+        assert bf16[side]["logps/chosen"] != fp32[side]["logps/chosen"], side
+    # Both sides still agree to bf16 rounding (8 mantissa bits: relative 4e-3 per logit, under 1.0
+    # absolute over a sum of ~20 log-probs near -6 each).
+    assert bf16["rayalign_first_step"]["logps/chosen"] == pytest.approx(bf16["trl_first_step"]["logps/chosen"], abs=1.0)
