@@ -59,6 +59,23 @@ def test_paired_difference_cancels_prompt_effects_and_uses_common_prompts():
         paired_difference(a[a.prompt_index == 7], b, "gold")
 
 
+def test_policy_seeds_are_independent_per_run_and_stable_across_processes():
+    import subprocess
+    import sys
+
+    from jobs.experiment.evaluate import policy_seed
+
+    runs = ["SFT", "preferred-ft", "dpo-beta0.1", "dpo-beta0.5", "ppo-kl0.05", "ppo-kl0.5", "ppo-gt-kl0.5"]
+    seeds = [policy_seed(0, run) for run in runs]
+    assert len(set(seeds)) == len(runs)                      # no two policies share their random numbers
+    assert policy_seed(1, "SFT") != policy_seed(0, "SFT")    # the experiment's seed still moves every run
+    # stable: a fresh interpreter with another hash salt derives the same seed (Python's hash() would not)
+    code = "from jobs.experiment.evaluate import policy_seed; print(policy_seed(0, 'SFT'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout
+    assert int(out) == seeds[0]
+
+
 def test_shuffled_batches_cover_each_pass_once_and_are_seeded():
     batches = ShuffledBatches(10, 4, seed=7)
     drawn = [batches.next() for _ in range(5)]  # 20 indices = two whole passes

@@ -25,7 +25,7 @@ from actors.models import load_tokenizer
 from jobs.run.cluster import init_ray
 from jobs.run.config import ConfigError, build_config, config_hash, run_cli, save_config
 from jobs.data.source import DataConfig, load_prompt_splits
-from jobs.experiment.evaluate import EvalConfig, evaluate_policy, gold_judge, logprob_scorer, summarize
+from jobs.experiment.evaluate import EvalConfig, evaluate_policy, gold_judge, logprob_scorer, policy_seed, summarize
 from jobs.experiment.preference_data import PreferenceDataConfig, build_preference_data
 
 
@@ -260,12 +260,12 @@ def run_experiment(config: CompareConfig) -> dict:
 
     for run, info in policies.items():
         key = {"policy": info["checkpoint"], "reference": sft_policy, "eval": dataclasses.asdict(config.eval),
-               "prompts": eval_ids, "gold": config.gold_scorer, "seed": config.seed}
+               "prompts": eval_ids, "gold": config.gold_scorer, "seed": policy_seed(config.seed, run)}
 
-        def go(folder: Path, info=info) -> dict:
+        def go(folder: Path, info=info, run=run) -> dict:
             actors = shared_actors()
             samples = evaluate_policy(info["checkpoint"], eval_ids, config.eval, judge=actors["judge"],
-                                      reference=actors["reference"], seed=config.seed,
+                                      reference=actors["reference"], seed=policy_seed(config.seed, run),
                                       torch_threads=config.torch_threads, backend=config.generation_backend)
             samples.to_parquet(folder / "samples.parquet")
             return {"samples_path": str(folder / "samples.parquet"), **summarize(samples, config.eval, config.seed)}
