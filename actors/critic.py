@@ -31,6 +31,8 @@ class CriticActor(TrainableMixin):
         self.model = ScalarHeadModel.from_pretrained(
             model, dtype=dtype, lora=lora, gradient_checkpointing=gradient_checkpointing, packing=packing,
         ).to(self.device).eval()
+        # PPO's rewards are the reward model's normalised scores: start the values on that scale.
+        self.model.fold_normalization()
         self.micro_batch_size = micro_batch_size
         self.setup_optimizer(optimizer or OptimizerConfig(lr=1e-5, eps=1e-5))
 

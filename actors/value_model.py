@@ -60,6 +60,16 @@ class ScalarHeadModel(nn.Module):
             model.reward_mean, model.reward_std = float(meta["reward_mean"]), float(meta["reward_std"])
         return model
 
+    @torch.no_grad()
+    def fold_normalization(self) -> None:
+        """Fold the stored reward normalisation into the head: w ← w/σ, b ← (b − μ)/σ, then μ = 0, σ = 1.
+
+        A critic initialised from the reward model then predicts on the normalised scale (s − μ)/σ that
+        PPO's rewards use, instead of starting off by μ and a factor σ."""
+        self.head.weight.div_(self.reward_std)
+        self.head.bias.sub_(self.reward_mean).div_(self.reward_std)
+        self.reward_mean, self.reward_std = 0.0, 1.0
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unnormalised scalar per position, [B, T] (with packing: the head's bias on padding)."""
         if self.packing:

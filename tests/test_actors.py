@@ -180,3 +180,24 @@ def test_actor_group_pins_actors_and_books_their_cpu_seconds(ray_cluster):
     before = COMPUTE_LEDGER.cpu_s.get("spinner", 0.0)
     group.shutdown()
     assert COMPUTE_LEDGER.cpu_s["spinner"] - before >= 0.9  # two actors spun 0.5 s each
+
+
+def test_critic_from_a_reward_model_predicts_on_the_normalised_scale(tmp_path, tiny_tokenizer):
+    """A critic loaded from a reward-model folder outputs (s − μ)/σ, the scale of PPO's rewards.
+
+    σ = 2 is a power of two, so w/σ and (w·h)/σ are exact; the only rounding differences are in where
+    μ and the bias are added ((w·h + b) − μ versus w·h + (b − μ)): a few ulps of the largest magnitude."""
+    reward = RewardModelActor(kind="learned", model="tiny")
+    with torch.no_grad():
+        reward.model.head.bias.fill_(0.25)
+    reward.set_normalization(mean=1.5, std=2.0)
+    reward.save(str(tmp_path / "rm"))
+    critic = CriticActor(str(tmp_path / "rm"))
+    batch = collate_sequences([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        raw = reward.model(batch["input_ids"], batch["attention_mask"])
+        values = critic.model(batch["input_ids"], batch["attention_mask"])
+    expected = (raw - 1.5) / 2.0
+    atol = 4 * torch.finfo(torch.float32).eps * float(raw.abs().max() + 1.5) / 2.0
+    torch.testing.assert_close(values, expected, rtol=0, atol=atol)
+    assert (critic.model.reward_mean, critic.model.reward_std) == (0.0, 1.0)
