@@ -5,7 +5,8 @@
 One step: rollout on the generation group -> reference log-probs, rollout log-probs, reward scores
 and critic values (requested concurrently) -> per-token rewards with the KL penalty -> GAE ->
 advantage whitening -> epochs of clipped policy and value updates (policy and critic concurrently)
--> push the new policy weights to the generators.
+-> push the new policy weights to the generators. The config (every key, default and check) lives in
+:mod:`jobs.drivers.ppo_config`.
 """
 
 from __future__ import annotations
@@ -13,162 +14,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import ray
 import torch
 from tqdm import tqdm
 
-from actors.math.batch import collate_sequences
 from actors.critic import CriticActor
-from actors.generation import GENERATION_BACKENDS, GenerationActor, generate_sharded
-from actors.sampling import Completion, SamplingConfig
+from actors.generation import GenerationActor, generate_sharded
 from actors.group import ActorGroup, ActorResources
-from actors.models import load_tokenizer
-from actors.optim import OptimizerConfig
-from actors.policy import PolicyActor
+from actors.math.batch import collate_sequences
 from actors.math.ppo_math import (AdaptiveKLController, FixedKLController, gae_advantages, kl_estimate,
-                             kl_penalized_rewards, masked_mean, masked_whiten)
+                                  kl_penalized_rewards, masked_mean, masked_whiten)
+from actors.models import load_tokenizer
+from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
 from actors.runtime import rng_state, set_rng_state
-from jobs.run.batching import TokenizeConfig, encode_prompt
-from jobs.run.cluster import TrainingRoleConfig, build_training_group, check_placement, init_ray, role_resources
-from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
-from jobs.run.config import ConfigError, check_model, check_scorer, run_cli, save_config
-from jobs.data.source import DataConfig, load_prompt_splits
-from jobs.run.faults import FaultConfig, FaultInjector, NonFiniteGuard, run_with_recovery
+from actors.sampling import Completion
+from jobs.data.source import load_prompt_splits
+from jobs.drivers.ppo_config import PPOConfig
+from jobs.experiment.stats import bootstrap_ci
+from jobs.run.batching import encode_prompt
+from jobs.run.checkpoint import CheckpointWriter, check_resume, load_driver_state, resolve_resume
+from jobs.run.cluster import build_training_group, init_ray, role_resources
+from jobs.run.config import ConfigError, run_cli, save_config
+from jobs.run.faults import FaultInjector, NonFiniteGuard, run_with_recovery
 from jobs.run.metrics import MetricsLogger
 from jobs.run.sampler import ShuffledBatches
-from jobs.experiment.stats import bootstrap_ci
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-@dataclass
-class RewardConfig:
-    kind: str = "gold"                 # gold (a scorer) | learned (a reward-model folder)
-    scorer: str | None = "vader"       # for kind=gold: see actors.scorers
-    model: str | None = None           # for kind=learned: output of jobs.reward
-    missing_eos_penalty: float | None = None  # subtracted from the score of responses that never emit EOS
-    clip: float | None = None          # clip scores to [-clip, clip]
-
-
-@dataclass
-class KLConfig:
-    coef: float = 0.05
-    estimator: str = "k1"              # per-token estimator in the reward penalty (k1 | k2 | k3)
-    adaptive: bool = False             # Ziegler et al.'s proportional controller
-    target: float = 6.0                # target sequence KL (nats) for the adaptive controller
-    horizon: int = 10000
-    in_loss: bool = False              # put the KL (k3) in the policy loss instead of the reward
-
-
-@dataclass
-class PPOHyper:
-    epochs: int = 4
-    minibatch_size: int = 8            # sequences per optimizer step
-    micro_batch_size: int = 8          # sequences per forward pass
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-
-
-@dataclass
-class PPOConfig:
-    run_name: str = "ppo"
-    output_dir: str = "runs"
-    seed: int = 0
-    model: str = "smollm2"             # the starting policy (an SFT checkpoint in the full pipeline)
-    reference_model: str | None = None  # default: the starting policy
-    critic_model: str | None = None    # default: the reward model if learned, else the starting policy
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenize: TokenizeConfig = field(default_factory=lambda: TokenizeConfig(max_prompt_length=64, max_length=128))
-    rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48))
-    prompts_per_step: int = 16
-    steps: int = 20
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    kl: KLConfig = field(default_factory=KLConfig)
-    ppo: PPOHyper = field(default_factory=PPOHyper)
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6, eps=1e-5))
-    critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5, eps=1e-5))
-    num_generators: int = 1
-    generation_backend: str = "auto"   # hf | vllm | auto (vLLM where installed and able to host the model)
-    generation_options: dict[str, Any] = field(default_factory=dict)  # vLLM backend options (actors.vllm_backend)
-    eval_every: int = 10               # steps; 0 = only at the start and the end
-    eval_prompts: int = 32
-    eval_samples_per_prompt: int = 1
-    eval_scorer: str | None = "vader"  # gold scorer for evaluation (independent of the training reward)
-    torch_threads: int | None = None
-    address: str | None = None
-    # Custom node resources per role, pinning it to nodes that offer them, e.g. {policy: {trainer: 1}}
-    placement: dict[str, dict[str, float]] = field(default_factory=dict)
-    policy: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # num_workers > 1: FSDP2 group
-    critic: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # colocate_with: policy shares its bundles
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    faults: FaultConfig = field(default_factory=FaultConfig)
-
-    def validate(self) -> None:
-        self.policy.validate("policy")
-        self.critic.validate("critic", ("policy",))
-        if self.critic.colocate_with == "policy" and self.policy.num_workers < 2:
-            raise ConfigError("critic.colocate_with: policy needs a sharded policy (policy.num_workers >= 2) whose "
-                              f"placement group the critic can share; policy.num_workers is {self.policy.num_workers}")
-        self.checkpoint.validate()
-        self.faults.validate()
-        self.data.validate()
-        self.tokenize.validate()
-        self.rollout.validate("rollout")
-        self.optimizer.validate("optimizer")
-        self.critic_optimizer.validate("critic_optimizer")
-        if self.reward.kind not in ("gold", "learned"):
-            raise ConfigError(f"reward.kind must be gold or learned, got {self.reward.kind!r}")
-        if self.reward.kind == "gold" and not self.reward.scorer:
-            raise ConfigError("reward.scorer is required when reward.kind is gold")
-        if self.reward.kind == "learned" and not self.reward.model:
-            raise ConfigError("reward.model is required when reward.kind is learned")
-        if self.kl.estimator not in KL_ESTIMATORS:
-            raise ConfigError(f"kl.estimator must be one of {KL_ESTIMATORS}, got {self.kl.estimator!r}")
-        if self.kl.coef < 0:
-            raise ConfigError(f"kl.coef must be >= 0, got {self.kl.coef}")
-        if self.kl.adaptive and (self.kl.target <= 0 or self.kl.horizon <= 0):
-            raise ConfigError("kl.target and kl.horizon must be > 0 for the adaptive controller")
-        for key in ("prompts_per_step", "steps", "num_generators", "eval_samples_per_prompt"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        hp = self.ppo
-        for key in ("epochs", "minibatch_size", "micro_batch_size"):
-            if getattr(hp, key) < 1:
-                raise ConfigError(f"ppo.{key} must be >= 1, got {getattr(hp, key)}")
-        if hp.minibatch_size % hp.micro_batch_size:
-            raise ConfigError(f"ppo.minibatch_size ({hp.minibatch_size}) must be a multiple of ppo.micro_batch_size "
-                              f"({hp.micro_batch_size})")
-        if not 0 < hp.clip_eps < 1:
-            raise ConfigError(f"ppo.clip_eps must be in (0, 1), got {hp.clip_eps}")
-        if not (0 <= hp.gamma <= 1 and 0 <= hp.lam <= 1):
-            raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {hp.gamma}, {hp.lam}")
-        if self.generation_backend not in GENERATION_BACKENDS:
-            raise ConfigError(f"generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, "
-                              f"got {self.generation_backend!r}")
-        if self.generation_backend == "hf" and self.generation_options:
-            raise ConfigError("generation_options apply to the vllm backend only (generation_backend is hf)")
-        for key in ("model", "reference_model", "critic_model"):
-            check_model(key, getattr(self, key))
-        check_model("reward.model", self.reward.model)
-        if self.reward.kind == "gold":
-            check_scorer("reward.scorer", self.reward.scorer)
-        check_scorer("eval_scorer", self.eval_scorer)
-        check_placement(self.placement, ("policy", "reference", "reward", "critic", "generator", "judge"))
-        if self.policy.lora and self.reference_model not in (None, self.model):
-            raise ConfigError(f"reference_model: with policy.lora the reference is the policy's own base model "
-                              f"(adapters disabled), so it cannot be {self.reference_model!r}; drop reference_model")
+__all__ = ["PPOConfig", "train", "main", "step_ppo_args", "build_fleet", "evaluate"]
 
 
 @dataclass
