@@ -428,4 +428,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from jobs.run.cli import guarded  # user errors as one line, like every driver
+
+    raise SystemExit(guarded(main))

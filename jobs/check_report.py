@@ -68,4 +68,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.run.cli import guarded  # user errors as one line, like every driver
+
+    sys.exit(guarded(main))

@@ -427,7 +427,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from jobs.run.cli import guarded  # user errors as one line, like every driver
+
+    raise SystemExit(guarded(main))
 
 
 __all__ = ["ARCHITECTURES", "Arch", "Request", "activation_bytes", "activation_parts", "architecture", "entry",

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +20,7 @@ import pytest
 from jobs.drivers import best_of_n, dpo, ppo, reward, sft
 from jobs.run.batching import OverlongError, TokenizeConfig, encode_pairs
 from jobs.drivers.best_of_n import BestOfNConfig
+from jobs.run.cli import DEBUG_ENV
 from jobs.run.config import ConfigError, build_config, run_cli
 from jobs.data import DataError, load_preference_pairs
 from jobs.data.source import DataConfig, load_pair_splits
@@ -240,13 +244,14 @@ def test_config_value_out_of_range_names_the_key(cls, preset, override, message)
     assert message in str(caught.value)
 
 
-def test_bad_config_stops_the_cli_before_the_job_runs(tmp_path):
+def test_bad_config_stops_the_cli_before_the_job_runs(tmp_path, capsys):
     def job(config):
         raise AssertionError("the job ran with a bad config")
 
     with pytest.raises(SystemExit) as caught:
         run_cli(DPOConfig, job, "python -m jobs.dpo", None, ["--preset", "dpo_tiny", "loss.beta=-1"])
-    assert str(caught.value.code) == "config error: loss.beta must be > 0, got -1.0"
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == f"config error: loss.beta must be > 0, got -1.0 {DEBUG_HINT}\n"
 
 
 @pytest.mark.parametrize("cls, preset, overrides, message", [
@@ -322,7 +327,7 @@ def test_skip_bad_rows_flag_reaches_the_load_report(tmp_path):
 
     argv = ["--preset", "dpo_tiny", "--data", f"jsonl:{path}", "data.eval_fraction=0", f"output_dir={tmp_path}"]
     with pytest.raises(DataError, match=r"pairs.jsonl: row 3, field 'chosen': empty text"):
-        run_cli(DPOConfig, job, "python -m jobs.dpo", None, argv)
+        run_cli(DPOConfig, job, "python -m jobs.dpo", None, argv + ["--debug"])
     assert run_cli(DPOConfig, job, "python -m jobs.dpo", None, argv + ["--skip-bad-rows"]) == 0
     assert sorted(triples(seen["train"])) == GOOD_TRIPLES
     assert seen["report"]["train"].endswith("4 rows, 3 kept, 1 skipped (empty_text: 1)")
@@ -338,3 +343,67 @@ def test_overrides_may_come_before_between_and_after_the_options(tmp_path):
             f"output_dir={tmp_path}"]
     assert run_cli(DPOConfig, job, "python -m jobs.dpo", None, argv) == 0
     assert seen == {"beta": 0.3, "train": "jsonl:a.jsonl", "seed": 7}
+
+
+DEBUG_HINT = "[traceback: --debug or RAYALIGN_DEBUG=1]"
+
+
+def _cli_error(tmp_path, capsys, monkeypatch, extra: list[str]) -> str:
+    """The stderr of ``python -m jobs.dpo`` (its real main, in-process) on a bad input: exactly one line,
+    exit status 2, and the job never reaches Ray."""
+    monkeypatch.setattr(dpo, "init_ray", lambda *a, **k: pytest.fail("init_ray was called"))
+    with pytest.raises(SystemExit) as caught:
+        dpo.main(["--preset", "dpo_tiny", f"output_dir={tmp_path / 'run'}", *extra])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(f" {DEBUG_HINT}\n"), err
+    return err.removesuffix(f" {DEBUG_HINT}\n")
+
+
+def test_cli_data_error_is_one_line(tmp_path, capsys, monkeypatch):
+    path = write_with_bad_row(tmp_path / "pairs.jsonl", BAD_ROWS["empty_response"][0])
+    line = _cli_error(tmp_path, capsys, monkeypatch, ["--data", f"jsonl:{path}"])
+    assert line == f"data error: {path}: row 3, field 'chosen': empty text"
+
+
+def test_cli_missing_data_file_is_one_line(tmp_path, capsys, monkeypatch):
+    line = _cli_error(tmp_path, capsys, monkeypatch, ["--data", f"jsonl:{tmp_path}/missing.jsonl"])
+    assert line == f"config error: data.train: data file not found: {tmp_path}/missing.jsonl"
+
+
+def test_cli_directory_given_as_a_data_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "some_dir").mkdir()
+    line = _cli_error(tmp_path, capsys, monkeypatch, ["--data", f"jsonl:{tmp_path}/some_dir"])
+    assert line == (f"config error: data.train: {tmp_path}/some_dir is a folder, not a data file "
+                    "(name a .jsonl, .json, .parquet or .csv file)")
+
+
+@pytest.mark.parametrize("prefix", ["yaml", "anthropic"])
+def test_cli_unknown_format_prefix_lists_the_valid_ones(tmp_path, capsys, monkeypatch, prefix):
+    line = _cli_error(tmp_path, capsys, monkeypatch, ["--data", f"{prefix}:x.jsonl"])
+    assert line == (f"config error: data.train: unknown data format prefix '{prefix}:' in '{prefix}:x.jsonl'; "
+                    "the prefixes are: hh:, tldr:, ultrafeedback:, imdb:, jsonl:, json:, parquet:, csv:, hf:")
+
+
+def test_cli_unreachable_hub_names_the_offline_alternative(tmp_path, capsys, monkeypatch):
+    # datasets decides offline mode when it is imported: a fresh interpreter with the hub switched off
+    # and an empty cache is the real offline path (datasets raises ConnectionError without a network call).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop(DEBUG_ENV, None)
+    done = subprocess.run([sys.executable, "-m", "jobs.dpo", "--preset", "dpo_tiny", "--data", "hh",
+                           f"output_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr == (
+        "data error: Anthropic/hh-rlhf: cannot reach the Hugging Face Hub (Couldn't reach 'Anthropic/hh-rlhf' on "
+        "the Hub (OfflineModeIsEnabled)); offline, give a local file with its format prefix instead, e.g. --data "
+        f"jsonl:pairs.jsonl (or hh:, tldr:, ultrafeedback:, imdb: + a file in that dataset's layout) {DEBUG_HINT}\n")
+
+
+def test_debug_flag_and_env_show_the_traceback(tmp_path, monkeypatch):
+    path = write_with_bad_row(tmp_path / "pairs.jsonl", BAD_ROWS["empty_response"][0])
+    argv = ["--preset", "dpo_tiny", "--data", f"jsonl:{path}", f"output_dir={tmp_path / 'run'}"]
+    with pytest.raises(DataError):
+        dpo.main(argv + ["--debug"])
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(DataError):
+        dpo.main(argv)

@@ -79,6 +79,11 @@ def parse_spec(spec: str | os.PathLike) -> DataSpec:
             return DataSpec(kind, split=split or None)
         kind, location = "", text
     elif kind not in HUB_DATASETS and kind not in FILE_FORMATS and kind != "hf":
+        # A word before ':' (not a drive letter, not a folder) on a path that does not exist is a
+        # misspelt or unsupported prefix ('yaml:x.jsonl'), not a file named 'yaml:x.jsonl'.
+        if len(kind) > 1 and kind.isidentifier() and not os.path.exists(text):
+            raise ValueError(f"unknown data format prefix {kind + ':'!r} in {text!r}; the prefixes are: "
+                             f"{', '.join(p + ':' for p in (*HUB_DATASETS, *FILE_FORMATS, 'hf'))}")
         kind, location = "", text  # a path that happens to contain ':'
     if not location:
         raise ValueError(f"data spec {text!r} names no file or hub id after ':'")
@@ -110,6 +115,8 @@ def _open_rows(data: DataSpec, needed_fields: Iterable[str], columns: Mapping[st
         return _read_hub(hub_id, split, source, needed, hub_kwargs or {}), source, False
     if split is not None:
         raise ValueError(f"split={split!r} applies to hub datasets; {data.path} is a local file")
+    if data.path.is_dir():
+        raise IsADirectoryError(f"{data.path} is a folder, not a data file (name a .jsonl, .json, .parquet or .csv file)")
     if not data.path.is_file():
         raise FileNotFoundError(f"data file not found: {data.path}")
     source = str(data.path)

@@ -153,7 +153,13 @@ def load_hub_dataset(hub_id: str, split: str, **load_kwargs):
     populated HF cache; ``load_kwargs`` such as ``data_dir="harmless-base"`` pass through)."""
     import datasets
 
-    return datasets.load_dataset(hub_id, split=split, **load_kwargs)
+    try:
+        return datasets.load_dataset(hub_id, split=split, **load_kwargs)
+    except ConnectionError as err:  # offline (HF_HUB_OFFLINE) or no network: datasets says so as ConnectionError
+        raise DataError(hub_id, f"cannot reach the Hugging Face Hub ({err}); offline, give a local file with its "
+                                f"format prefix instead, e.g. --data jsonl:pairs.jsonl (or hh:, tldr:, "
+                                f"ultrafeedback:, imdb: + a file in that dataset's layout)",
+                        reason="hub_unreachable") from err
 
 
 def _read_hub(hub_id: str, split: str, source: str, needed: Iterable[str], load_kwargs: Mapping) -> Iterator[RowItem]:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from jobs.run.cli import UserError
+
 
 Message = dict[str, str]
 Messages = list[Message]
@@ -75,12 +77,14 @@ class PromptRecord:
 Record = Union[PreferencePair, PromptRecord]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the data, located: ``"<file or hub id>: row N, field 'col': <problem>"``.
 
     ``row`` is 1-based (see the module docstring); ``reason`` is a short key (``"empty_text"``,
     ``"nan_score"``, ...) that :class:`LoadReport` counts skipped rows by.
     """
+
+    label = "data error"
 
     def __init__(self, source: str, problem: str, row: int | None = None, field: str | None = None,
                  reason: str = "invalid"):

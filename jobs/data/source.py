@@ -55,7 +55,7 @@ def _load(load, spec: str, key: str):
     """``load(spec)``, with a missing local file reported against the config key that named it."""
     try:
         return load(spec)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
         raise ConfigError(f"{key}: {err}") from err
 
 

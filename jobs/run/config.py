@@ -16,12 +16,16 @@ from typing import Any, TypeVar
 
 import yaml
 
+from jobs.run.cli import DEBUG_ENV, DEBUG_FLAG, UserError, guarded
+
 PRESETS = Path(__file__).parent.parent / "presets"
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A bad key or value: the CLI prints ``config error: <message>`` (one line) and exits 2."""
+
+    label = "config error"
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -190,7 +194,8 @@ def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str 
     """The command line every driver shares: ``--preset``, ``--data``, ``--skip-bad-rows``, overrides, and
     ``--resume`` / ``--resume-from PATH`` for drivers whose config has a ``checkpoint`` section.
 
-    A bad config exits with a message naming the key before any actor starts.
+    A bad config exits with a message naming the key before any actor starts; every user error
+    (config, data, paths) is one stderr line and exit status 2 (:func:`jobs.run.cli.guarded`).
     """
     import argparse
 
@@ -202,6 +207,8 @@ def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str 
         parser.add_argument("--resume", action="store_true",
                             help="continue from the run's newest checkpoint (a fresh start if it has none)")
         parser.add_argument("--resume-from", default=None, metavar="PATH", help="continue from this checkpoint folder")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help=f"show the traceback of a config or data error (also {DEBUG_ENV}=1)")
     parser.add_argument("overrides", nargs="*", help=override_help)
     # Intermixed: overrides may come before, between or after the options (`--data X seed=1` and
     # `seed=1 --data X` mean the same); plain parse_args stops collecting positionals at the first option.
@@ -215,9 +222,14 @@ def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str 
         overrides.append(f"checkpoint.resume={args.resume_from}")
     elif getattr(args, "resume", False):
         overrides.append("checkpoint.resume=latest")
-    try:
-        config = build_config(cls, args.preset, overrides)
-    except (ConfigError, ValueError) as exc:
-        raise SystemExit(f"config error: {exc}")
-    train(config)
-    return 0
+
+    def work():
+        try:
+            config = build_config(cls, args.preset, overrides)
+        except ValueError as exc:  # a coercion the config layer did not wrap is still the config's fault
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(str(exc)) from exc
+        train(config)
+
+    return guarded(work, argv)
