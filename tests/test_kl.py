@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from actors.math.kl import sequence_kl, token_kl
@@ -37,3 +38,55 @@ def test_sequence_kl_sums_masked_shifted_positions_and_is_nonnegative():
     a, b = torch.randn(4, 6, 11, generator=generator), torch.randn(4, 6, 11, generator=generator)
     assert (sequence_kl(a, b, torch.ones(4, 6)) >= 0).all()
     assert torch.equal(sequence_kl(a, a, torch.ones(4, 6)), torch.zeros(4))
+
+
+@pytest.fixture(scope="module")
+def perturbed_tiny(tmp_path_factory) -> str:
+    """The built-in tiny model with noise on its output layer: a policy that differs from the reference."""
+    from actors.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    model = load_causal_lm(resolve_model_path("tiny"))
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    folder = tmp_path_factory.mktemp("perturbed") / "model"
+    model.save_pretrained(folder)
+    load_tokenizer("tiny").save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_kl_scorer_actor_scores_at_the_sampling_temperature(ray_cluster, perturbed_tiny, tiny_tokenizer):
+    from actors.group import ActorGroup
+    from actors.kl_scorer import KLScorerActor
+    from actors.math.batch import collate_sequences
+    from actors.math.logprobs import sequence_logprobs
+    from actors.models import load_causal_lm, resolve_model_path
+
+    prompts, responses = [[5, 9, 13], [7, 2]], [[21, 4, 30, 8], [11, 3, 6]]
+    batch = collate_sequences(prompts, responses, tiny_tokenizer.pad_token_id)
+    scorer = ActorGroup(KLScorerActor, "kl-scorer", init_kwargs={"model": perturbed_tiny, "reference": "tiny"})
+    same = ActorGroup(KLScorerActor, "kl-same", init_kwargs={"model": "tiny", "reference": "tiny"})
+    try:
+        hot, cold = scorer.run_one("score", batch, 1.0), scorer.run_one("score", batch, 0.5)
+        identical = same.run_one("score", batch, 0.7)
+    finally:
+        scorer.shutdown()
+        same.shutdown()
+    # the same computation in this process: both models' logits, divided by T, through the pure functions
+    policy, reference = load_causal_lm(perturbed_tiny), load_causal_lm(resolve_model_path("tiny"))
+    from actors.math.logprobs import position_ids_from_mask
+
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "position_ids": position_ids_from_mask(batch["attention_mask"])}
+    with torch.no_grad():
+        p_logits, q_logits = policy(**kwargs).logits, reference(**kwargs).logits
+    for out, t in ((hot, 1.0), (cold, 0.5)):
+        lp = sequence_logprobs(p_logits / t, batch["input_ids"], batch["loss_mask"]).sum
+        # same float32 model on the same CPU; padding trimmed in the actor changes only summation order
+        assert torch.allclose(out["logp_policy"], lp, atol=1e-4)
+        assert torch.allclose(out["kl_exact"], sequence_kl(p_logits, q_logits, batch["loss_mask"], t), atol=1e-4)
+        assert (out["kl_exact"] > 0).all()
+    # defect c: the log-probs (and the KL) depend on the temperature they are scored at
+    assert (hot["logp_policy"] - cold["logp_policy"]).abs().min() > 0.1
+    assert torch.equal(identical["kl_exact"], torch.zeros(2))
+    assert torch.equal(identical["logp_policy"], identical["logp_reference"])
