@@ -76,10 +76,12 @@ class TrainableMixin:
         self.nonfinite_steps = 0
 
     def _optimizer_step(self, parts: list[tuple[int, MicroLoss]]) -> dict[str, float]:
-        """Accumulate gradients over micro-batches weighted by their share of rows, clip, step.
+        """Accumulate gradients over micro-batches weighted by their share of the (mini)batch, clip, step.
 
-        ``parts`` holds (rows, closure) pairs; each closure runs one micro-batch's forward pass and
-        returns (mean loss over its rows, metrics). A non-finite loss or gradient skips the update
+        ``parts`` holds (size, closure) pairs; each closure runs one micro-batch's forward pass and
+        returns (its loss as a mean over the same unit, metrics). The unit is rows for sequence-mean
+        losses and response tokens for token-mean ones (PPO's policy loss), so the accumulated loss is
+        the (mini)batch's sum over that unit divided by its total. A non-finite loss or gradient skips the update
         (counted in ``skipped_nonfinite``; weights and optimizer state untouched).
         """
         start = time.perf_counter()

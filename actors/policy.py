@@ -135,8 +135,14 @@ class PolicyActor(TrainableMixin, ModelWorker):
             order = torch.arange(rows) if epoch == 0 else torch.randperm(rows, generator=generator)
             for start in range(0, rows, minibatch):
                 index = order[start:start + minibatch]
-                parts = [(len(index[k:k + micro]), functools.partial(self._ppo_forward, batch, index[k:k + micro],
-                                                                      old_logprobs, advantages, ref_logprobs, ppo))
+                # Each micro-batch's token-mean loss is weighted by its share of the MINIBATCH's response
+                # tokens, so the update is Σ token losses / minibatch tokens whatever the micro-batch size
+                # (weighting by rows would make it depend on how rows are grouped). The FSDP path divides
+                # by the same global total: every rank sees all of ``parts``.
+                response_tokens = batch["loss_mask"][:, 1:].sum(-1)
+                parts = [(float(response_tokens[index[k:k + micro]].sum()),
+                          functools.partial(self._ppo_forward, batch, index[k:k + micro],
+                                            old_logprobs, advantages, ref_logprobs, ppo))
                          for k in range(0, len(index), micro)]
                 metrics = self._optimizer_step(parts)
                 if first_ratio_dev is None:

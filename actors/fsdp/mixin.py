@@ -89,7 +89,8 @@ class ShardedMixin:
                     offload_policy=policy)
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
-                # Each rank's loss is already weighted by rows / GLOBAL rows: gradients must be summed
+                # Each rank's loss is already weighted by its share of the GLOBAL total (rows, or response
+                # tokens for PPO's policy loss): gradients must be summed
                 # over ranks, not averaged (plain SUM also works on gloo, which has no AVG/PREMUL_SUM).
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
