@@ -1,0 +1,332 @@
+"""Critic-free policy-gradient RL (RLOO, GRPO, Dr. GRPO, REINFORCE++) over the PPO actor fleet minus the critic.
+
+    python -m jobs.policy_gradient --preset policy_gradient_tiny advantage=grpo samples_per_prompt=4
+
+One step: k samples per prompt on the generation group -> reference log-probs, rollout log-probs and reward
+scores (concurrently) -> the configured advantage estimator (actors.math.advantages) -> the policy actor's
+clipped update (``train_ppo``), with the KL to the reference either in the loss (k3, GRPO / Dr. GRPO, as in
+DeepSeekMath) or in the reward (RLOO: sequence KL subtracted from the score; REINFORCE++: per token)
+-> the new weights pushed to the generators. Checkpoints, resume, NaN guards and metrics are PPO's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from actors.generation import GENERATION_BACKENDS, GenerationActor, generate_sharded
+from actors.group import ActorGroup, ActorResources
+from actors.math.advantages import ESTIMATORS, reinforce_pp_advantages, sequence_advantages, to_tokens
+from actors.math.ppo_math import kl_estimate, masked_mean
+from actors.models import load_tokenizer
+from actors.optim import OptimizerConfig
+from actors.policy import PolicyActor
+from actors.reference import ReferenceActor
+from actors.reward import RewardModelActor
+from actors.runtime import rng_state, set_rng_state
+from actors.sampling import SamplingConfig
+from jobs.data.source import DataConfig, load_prompt_splits
+from jobs.drivers.ppo import Fleet, evaluate, make_rollout
+from jobs.drivers.ppo_config import RewardConfig
+from jobs.run.batching import TokenizeConfig, encode_prompt
+from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
+from jobs.run.cluster import init_ray, role_resources
+from jobs.run.config import ConfigError, check_model, check_scorer, run_cli, save_config
+from jobs.run.faults import FaultConfig, FaultInjector, NonFiniteGuard, run_with_recovery
+from jobs.run.metrics import MetricsLogger
+from jobs.run.sampler import ShuffledBatches
+
+# Where each estimator puts the KL to the reference (its paper's choice).
+KL_IN_LOSS = {"grpo": True, "dr_grpo": True, "rloo": False, "reinforce_pp": False}
+
+
+@dataclass
+class UpdateConfig:
+    epochs: int = 1                    # GRPO's μ; 1 = on-policy (the ratio is then 1 on the first minibatch)
+    minibatch_size: int = 16
+    micro_batch_size: int = 16
+    clip_eps: float = 0.2
+    gamma: float = 1.0                 # REINFORCE++ return discount
+
+
+@dataclass
+class PolicyGradientConfig:
+    run_name: str = "policy_gradient"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: str = "smollm2"
+    reference_model: str | None = None
+    advantage: str = "grpo"            # rloo | grpo | dr_grpo | reinforce_pp
+    samples_per_prompt: int = 4        # k; the group estimators need k >= 2
+    kl_coef: float = 0.05              # β: in the loss (k3) for grpo/dr_grpo, in the reward (k1) otherwise
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenize: TokenizeConfig = field(default_factory=lambda: TokenizeConfig(max_prompt_length=64, max_length=128))
+    rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48))
+    prompts_per_step: int = 4
+    steps: int = 20
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6, eps=1e-5))
+    num_generators: int = 1
+    generation_backend: str = "auto"
+    generation_options: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = 10
+    eval_prompts: int = 32
+    eval_samples_per_prompt: int = 1
+    eval_scorer: str | None = "vader"
+    torch_threads: int | None = None
+    address: str | None = None
+    placement: dict[str, dict[str, float]] = field(default_factory=dict)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def validate(self) -> None:
+        if self.advantage not in ESTIMATORS:
+            raise ConfigError(f"advantage must be one of {', '.join(ESTIMATORS)}, got {self.advantage!r}")
+        if self.advantage != "reinforce_pp" and self.samples_per_prompt < 2:
+            raise ConfigError(f"samples_per_prompt must be >= 2 for advantage={self.advantage} (a group baseline "
+                              f"needs two samples), got {self.samples_per_prompt}")
+        if self.samples_per_prompt < 1:
+            raise ConfigError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        for key in ("prompts_per_step", "steps", "num_generators", "eval_samples_per_prompt"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        u = self.update
+        for key in ("epochs", "minibatch_size", "micro_batch_size"):
+            if getattr(u, key) < 1:
+                raise ConfigError(f"update.{key} must be >= 1, got {getattr(u, key)}")
+        if u.minibatch_size % u.micro_batch_size:
+            raise ConfigError(f"update.minibatch_size ({u.minibatch_size}) must be a multiple of "
+                              f"update.micro_batch_size ({u.micro_batch_size})")
+        if not 0 < u.clip_eps < 1:
+            raise ConfigError(f"update.clip_eps must be in (0, 1), got {u.clip_eps}")
+        if not 0 <= u.gamma <= 1:
+            raise ConfigError(f"update.gamma must be in [0, 1], got {u.gamma}")
+        if self.generation_backend not in GENERATION_BACKENDS:
+            raise ConfigError(f"generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, "
+                              f"got {self.generation_backend!r}")
+        if self.reward.kind not in ("gold", "learned"):
+            raise ConfigError(f"reward.kind must be gold or learned, got {self.reward.kind!r}")
+        if self.reward.kind == "learned" and not self.reward.model:
+            raise ConfigError("reward.model is required when reward.kind is learned")
+        if self.reward.kind == "gold":
+            check_scorer("reward.scorer", self.reward.scorer)
+        for key in ("model", "reference_model"):
+            check_model(key, getattr(self, key))
+        check_model("reward.model", self.reward.model)
+        check_scorer("eval_scorer", self.eval_scorer)
+        self.checkpoint.validate()
+        self.faults.validate()
+        self.data.validate()
+        self.tokenize.validate()
+        self.rollout.validate("rollout")
+        self.optimizer.validate("optimizer")
+
+
+def build_fleet(config: PolicyGradientConfig) -> Fleet:
+    """PPO's roles without the critic (the whole point of these estimators)."""
+    resources = ActorResources(torch_threads=config.torch_threads)
+    frozen = dataclasses.replace(resources, max_restarts=config.faults.frozen_role_restarts,
+                                 max_task_retries=config.faults.frozen_role_restarts)
+    place = lambda role: role_resources(frozen if role in ("reference", "reward") else resources,
+                                        config.placement, role)
+    common = {"seed": config.seed}
+    micro = config.update.micro_batch_size
+    reward_kwargs = ({"kind": "gold", "scorer": config.reward.scorer, "tokenizer": config.model}
+                     if config.reward.kind == "gold" else {"kind": "learned", "model": config.reward.model})
+    made: dict[str, ActorGroup] = {}
+    try:
+        made["policy"] = ActorGroup(PolicyActor, "policy", resources=place("policy"), init_kwargs={
+            "model": config.model, "optimizer": dataclasses.asdict(config.optimizer), "micro_batch_size": micro,
+            **common})
+        made["reference"] = ActorGroup(ReferenceActor, "reference", resources=place("reference"), init_kwargs={
+            "model": config.reference_model or config.model, "micro_batch_size": micro, **common})
+        made["reward"] = ActorGroup(RewardModelActor, "reward", resources=place("reward"),
+                                    init_kwargs={**reward_kwargs, **common})
+        made["generator"] = ActorGroup(GenerationActor, "generator", num_actors=config.num_generators,
+                                       indexed_names=True, resources=place("generator"), init_kwargs={
+                                           "model": config.model, "backend": config.generation_backend,
+                                           "backend_options": config.generation_options, **common})
+        if config.eval_scorer:
+            made["judge"] = ActorGroup(RewardModelActor, "judge", resources=role_resources(
+                dataclasses.replace(frozen, num_cpus=0.5, torch_threads=1), config.placement, "judge"),
+                init_kwargs={"kind": "gold", "scorer": config.eval_scorer, "tokenizer": config.model})
+        for group in made.values():
+            group.call_timeout_s = config.faults.call_timeout_s
+            group.wait_ready()
+    except BaseException:
+        for group in made.values():
+            group.shutdown()
+        raise
+    return Fleet(policy=made["policy"], reference=made["reference"], reward=made["reward"], critic=None,
+                 generators=made["generator"], judge=made.get("judge"))
+
+
+def compute_advantages(config: PolicyGradientConfig, scores: torch.Tensor, old_logprobs: torch.Tensor,
+                       ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] token advantages of one rollout (rows grouped k per prompt, contiguous)."""
+    k = config.samples_per_prompt
+    if config.advantage == "reinforce_pp":
+        adv, _ = reinforce_pp_advantages(scores, old_logprobs, ref_logprobs, mask, config.kl_coef,
+                                         gamma=config.update.gamma)
+        return adv * mask
+    if not KL_IN_LOSS[config.advantage]:  # RLOO (Ahmadian et al.): the sequence KL penalty is part of the reward
+        scores = scores - config.kl_coef * (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
+    return to_tokens(sequence_advantages(config.advantage, scores, k), mask)
+
+
+def train(config: PolicyGradientConfig) -> dict:
+    out = Path(config.output_dir) / config.run_name
+    save_config(config, out)
+    tokenizer = load_tokenizer(config.model)
+    pad_id = tokenizer.pad_token_id
+    train_prompts, eval_prompts, report = load_prompt_splits(config.data, config.seed)
+    encode = lambda records: [encode_prompt(tokenizer, r.prompt, config.tokenize)[-config.tokenize.max_prompt_length:]
+                              for r in records]
+    train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)[: config.eval_prompts]
+    if not train_ids:
+        raise ConfigError(f"data.train: no prompts in {config.data.train!r}")
+    print(f"[data] {len(train_ids)} train / {len(eval_ids)} eval prompts; {json.dumps(report)}")
+    resume_from = resolve_resume(out, config.checkpoint.resume)
+    init_ray(config.address, namespace=f"rayalign-{config.run_name}")
+    faults = FaultInjector(config.faults)
+    return run_with_recovery(
+        lambda start, recoveries: _train_attempt(config, pad_id, train_ids, eval_ids, start, recoveries, faults),
+        run_dir=out, resume_from=resume_from, max_recoveries=config.faults.max_recoveries)
+
+
+def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_ids, resume_from: Path | None,
+                   recoveries: int, faults: FaultInjector) -> dict:
+    out = Path(config.output_dir) / config.run_name
+    fleet = build_fleet(config)
+    try:
+        kl_in_loss = KL_IN_LOSS[config.advantage]
+        update_args = {**dataclasses.asdict(config.update), "seed": config.seed, "kl_estimator": "k3",
+                       "kl_in_loss_coef": config.kl_coef if kl_in_loss else 0.0}
+        prompt_batches = ShuffledBatches(len(train_ids), config.prompts_per_step, config.seed)
+        guard = NonFiniteGuard(config.faults.max_nonfinite_in_row)
+        writer = CheckpointWriter(out, config.checkpoint.keep, config)
+        state = {"step": 0, "tokens_generated": 0, "first_eval": {}, "last_eval": {}}
+        rows, wall_before = None, 0.0
+        if resume_from is not None:
+            check_resume(resume_from, config)
+            driver = load_driver_state(resume_from)
+            state, rows, wall_before = driver["state"], driver["metrics"], driver["wall_s"]
+            fleet.policy.run_one("load_state", str(resume_from / "policy"))
+            fleet.push_weights(state["step"])
+            prompt_batches.load_state_dict(driver["batches"])
+            guard.load_state_dict(driver["guard"])
+            set_rng_state(driver["rng"])
+            print(f"[resume] from {resume_from} at step {state['step']}")
+        logger = MetricsLogger(out, resume_rows=rows)
+        start_all = time.perf_counter()
+        if resume_from is None:
+            state["first_eval"] = state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
+            logger.log(0, state["first_eval"])
+        bar = tqdm(range(state["step"] + 1, config.steps + 1), desc=config.advantage, unit="step",
+                   dynamic_ncols=True, initial=state["step"], total=config.steps)
+        for step in bar:
+            t_step = time.perf_counter()
+            index = prompt_batches.next()
+            faults.maybe_kill(step, fleet.groups())
+            timing: dict[str, float] = {}
+            t0 = time.perf_counter()
+            sampling = dataclasses.replace(config.rollout, n=config.samples_per_prompt,
+                                           seed=config.seed * 100_003 + step)
+            completions = generate_sharded(fleet.generators, [train_ids[i] for i in index], sampling)
+            # the estimators read rows g·k … g·k + k − 1 as prompt g's group: make that order explicit
+            completions = sorted(completions, key=lambda c: c.prompt_index)
+            rollout = make_rollout(completions, pad_id)
+            timing["generate"] = time.perf_counter() - t0
+            mask = rollout.mask
+
+            t0 = time.perf_counter()
+            refs = [fleet.policy.call_all("logprobs", rollout.batch)[0], fleet.reference_logprobs(rollout.batch),
+                    fleet.reward.call_all("score", [c.prompt_ids for c in completions],
+                                          [c.response_ids for c in completions])[0]]
+            policy_lp, reference_lp, reward = fleet.policy.get(refs, "score rollout")
+            timing["score"] = time.perf_counter() - t0
+            old_logprobs, ref_logprobs = policy_lp["token_logps"], reference_lp["token_logps"]
+            scores = reward["scores"].clone()
+            if config.reward.missing_eos_penalty is not None:
+                scores = scores - config.reward.missing_eos_penalty * torch.tensor(
+                    [float(c.finish_reason != "stop") for c in completions])
+            if config.reward.clip is not None:
+                scores = scores.clamp(-config.reward.clip, config.reward.clip)
+
+            advantages = compute_advantages(config, scores, old_logprobs, ref_logprobs, mask)
+            if faults.poison(step):
+                advantages = advantages * float("nan")
+            seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
+
+            t0 = time.perf_counter()
+            actor = fleet.policy.run_one("train_ppo", rollout.batch, old_logprobs, advantages, update_args,
+                                         ref_logprobs if kl_in_loss else None)
+            timing["update_actor"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fleet.push_weights(step)
+            timing["sync_weights"] = time.perf_counter() - t0
+            timing["step"] = time.perf_counter() - t_step
+
+            generated = int(mask.sum())
+            state["tokens_generated"] += generated
+            metrics = {**{k: v for k, v in actor.items() if k.startswith("actor/")},
+                       "actor/grad_norm": actor["grad_norm"], "actor/lr": actor["lr"],
+                       "reward/score_mean": float(reward["scores"].mean()),
+                       "reward/score_std": float(reward["scores"].std()),
+                       "advantage/mean": float(masked_mean(advantages, mask)),
+                       "advantage/abs_mean": float(masked_mean(advantages.abs(), mask)),
+                       "objective/kl": float(seq_kl.mean()), "objective/kl_coef": config.kl_coef,
+                       "rollout/logprob_diff": float(masked_mean((rollout.generator_logprobs - old_logprobs).abs(),
+                                                                 mask)),
+                       "response_length/mean": float(mask.sum(-1).mean()),
+                       "perf/tokens_per_s": generated / timing["step"],
+                       "skipped_nonfinite": actor["skipped_nonfinite"],
+                       **{f"timing_s/{k}": v for k, v in timing.items()}}
+            guard.observe(step, index, metrics)
+            if eval_ids and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+                state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
+                metrics.update(state["last_eval"])
+            logger.log(step, metrics)
+            state["step"] = step
+            every = config.checkpoint.every
+            if ((every and step % every == 0) or step == config.steps) and not guard.in_row:
+                def save_actors(folder: Path) -> list[str]:
+                    fleet.policy.run_one("save_state", str(folder / "policy"))
+                    return ["policy"]
+                writer.write(step, save_actors, {
+                    "state": state, "batches": prompt_batches.state_dict(), "guard": guard.state_dict(),
+                    "metrics": logger.rows, "rng": rng_state(), "wall_s": wall_before + time.perf_counter() - start_all})
+            bar.set_postfix(score=f"{metrics['reward/score_mean']:+.3f}", kl=f"{metrics['objective/kl']:.2f}")
+        logger.close()
+        checkpoint = out / "checkpoint"
+        fleet.policy.run_one("save", str(checkpoint))
+        save_config(config, checkpoint)
+    finally:
+        fleet.shutdown()
+    summary = {"method": config.advantage, "steps": config.steps, "checkpoint": str(checkpoint),
+               "wall_s": wall_before + time.perf_counter() - start_all, "tokens_generated": state["tokens_generated"],
+               "start": state["first_eval"], "end": state["last_eval"], "recoveries": recoveries,
+               "resumed_from": str(resume_from) if resume_from else None, "faults_injected": faults.killed,
+               "nonfinite_skipped_steps": guard.skipped_steps, "roles": sorted(fleet.groups())}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"[done] {config.steps} steps of {config.advantage}; checkpoint {checkpoint}")
+    return summary
+
+
+def main(argv=None) -> int:
+    return run_cli(PolicyGradientConfig, train, "python -m jobs.policy_gradient", __doc__, argv,
+                   "key.sub=value overrides, e.g. advantage=rloo samples_per_prompt=4")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
