@@ -57,7 +57,12 @@ def test_report_numbers_are_recomputed_from_the_saved_samples(comparison):
         assert np.mean(gold) == pytest.approx(runs.loc[run, "gold_reward"], abs=1e-6)
         kl = (at["logp_policy"] - at["logp_reference"]).mean()
         assert kl == pytest.approx(runs.loc[run, "kl"], abs=1e-9)
+        # exact KL: a sum of per-position KLs, never negative, inside its own prompt-level interval
+        assert (at["kl_exact"] >= 0).all()
+        assert at["kl_exact"].mean() == pytest.approx(runs.loc[run, "kl_exact"], abs=1e-9)
+        assert runs.loc[run, "kl_exact_ci_low"] <= runs.loc[run, "kl_exact"] <= runs.loc[run, "kl_exact_ci_high"]
     assert runs.loc["SFT", "kl"] == 0.0  # the reference is the SFT policy itself
+    assert runs.loc["SFT", "kl_exact"] == 0.0
     wins = pd.read_csv(root / "tables" / "win_rates.csv")
     assert set(wins["temperature"]) == set(config.eval.temperatures)
     assert (wins[wins.run == "SFT"]["win_rate"] == 0.5).all()  # against itself: every comparison a tie

@@ -25,7 +25,7 @@ from actors.models import load_tokenizer
 from jobs.run.cluster import init_ray
 from jobs.run.config import ConfigError, build_config, config_hash, run_cli, save_config
 from jobs.data.source import DataConfig, load_prompt_splits
-from jobs.experiment.evaluate import EvalConfig, evaluate_policy, gold_judge, logprob_scorer, policy_seed, summarize
+from jobs.experiment.evaluate import EvalConfig, evaluate_policy, gold_judge, policy_seed, summarize
 from jobs.experiment.preference_data import PreferenceDataConfig, build_preference_data
 
 
@@ -250,12 +250,11 @@ def run_experiment(config: CompareConfig) -> dict:
     tokenizer = load_tokenizer(sft_policy)
     eval_ids = [tokenizer(p.prompt, add_special_tokens=True)["input_ids"] for p in eval_prompts][: config.eval.num_prompts]
     evaluations: dict[str, pd.DataFrame] = {}
-    shared: dict[str, ActorGroup] = {}  # the judge and the reference scorer, started on first need
+    shared: dict[str, ActorGroup] = {}  # the judge, started on first need
 
     def shared_actors() -> dict[str, ActorGroup]:
         if not shared:
             shared["judge"] = gold_judge(config.gold_scorer, sft_policy)
-            shared["reference"] = logprob_scorer(sft_policy, "reference-logprobs", config.torch_threads)
         return shared
 
     for run, info in policies.items():
@@ -265,7 +264,7 @@ def run_experiment(config: CompareConfig) -> dict:
         def go(folder: Path, info=info, run=run) -> dict:
             actors = shared_actors()
             samples = evaluate_policy(info["checkpoint"], eval_ids, config.eval, judge=actors["judge"],
-                                      reference=actors["reference"], seed=policy_seed(config.seed, run),
+                                      reference=sft_policy, seed=policy_seed(config.seed, run),
                                       torch_threads=config.torch_threads, backend=config.generation_backend)
             samples.to_parquet(folder / "samples.parquet")
             return {"samples_path": str(folder / "samples.parquet"), **summarize(samples, config.eval, config.seed)}

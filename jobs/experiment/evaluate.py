@@ -2,9 +2,10 @@
 
 For each sampling temperature the policy (and, once, the baseline) samples continuations that the
 gold scorer judges. At the KL temperature (1.0: the policy's own distribution) the sequence KL to the
-reference is estimated from the same samples as mean[log π(y|x) − log π_ref(y|x)], with both
-log-probs recomputed by the trainer's function. Every sample is kept (Parquet) so any number in a
-report can be recomputed from it.
+reference is computed exactly (Σ over response positions of KL between the two models' full
+next-token distributions, both at the sampling temperature) beside the sampled estimate
+mean[log π(y|x) − log π_ref(y|x)], all from one actor holding both models. Every sample is kept
+(Parquet) so any number in a report can be recomputed from it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import pandas as pd
 
 from actors.math.batch import collate_sequences
 from actors.generation import GenerationActor, generate_sharded
+from actors.kl_scorer import KLScorerActor
 from actors.sampling import SamplingConfig
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
-from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
-from jobs.experiment.stats import bootstrap_ci
+from jobs.experiment.stats import bootstrap_ci, prompt_bootstrap
 
 
 @dataclass
@@ -76,22 +77,6 @@ def sample_and_score(model: str, prompt_ids: list[list[int]], config: EvalConfig
     return pd.DataFrame(rows)
 
 
-def add_sequence_logprobs(samples: pd.DataFrame, scorer: ActorGroup, column: str, *, pad_id: int,
-                          chunk: int = 64) -> None:
-    """Fill ``column`` with log p(response | prompt) for every row, from a model worker (trainer's function)."""
-    values = []
-    for start in range(0, len(samples), chunk):
-        part = samples.iloc[start:start + chunk]
-        batch = collate_sequences(list(part["prompt_ids"]), list(part["response_ids"]), pad_id)
-        values.extend(scorer.run_one("logprobs", batch)["sum"].tolist())
-    samples[column] = values
-
-
-def logprob_scorer(model: str, name: str, torch_threads: int | None = None) -> ActorGroup:
-    return ActorGroup(ReferenceActor, name, resources=ActorResources(torch_threads=torch_threads),
-                      init_kwargs={"model": model})
-
-
 def gold_judge(scorer: str, tokenizer: str) -> ActorGroup:
     return ActorGroup(RewardModelActor, "judge", resources=ActorResources(torch_threads=1),
                       init_kwargs={"kind": "gold", "scorer": scorer, "tokenizer": tokenizer})
@@ -113,34 +98,49 @@ def win_rates(samples: pd.DataFrame, baseline: pd.DataFrame, seed: int = 0) -> p
 
 
 def summarize(samples: pd.DataFrame, config: EvalConfig, seed: int = 0) -> dict:
-    """Gold reward (mean, CI) and sequence KL (mean, CI) at the KL temperature."""
-    at = samples[samples["temperature"] == config.kl_temperature]
-    gold = at["gold"].to_numpy()
-    kl = (at["logp_policy"] - at["logp_reference"]).to_numpy()
-    gold_ci, kl_ci = bootstrap_ci(gold, seed=seed), bootstrap_ci(kl, seed=seed)
-    return {"gold_reward": float(gold.mean()), "gold_reward_ci_low": gold_ci[0], "gold_reward_ci_high": gold_ci[1],
-            "kl": float(kl.mean()), "kl_ci_low": kl_ci[0], "kl_ci_high": kl_ci[1], "samples": int(len(at)),
+    """At the KL temperature: gold reward, sampled KL (k1) and exact KL, each a mean over prompts with a
+    prompt-level bootstrap CI (a prompt's samples move together)."""
+    at = samples[samples["temperature"] == config.kl_temperature].assign(
+        kl=lambda f: f["logp_policy"] - f["logp_reference"])
+    out = {}
+    for name, column in (("gold_reward", "gold"), ("kl", "kl"), ("kl_exact", "kl_exact")):
+        mean, low, high = prompt_bootstrap(at, column, seed=seed)
+        out.update({name: mean, f"{name}_ci_low": low, f"{name}_ci_high": high})
+    return {**out, "samples": int(len(at)), "prompts": int(at["prompt_index"].nunique()),
             "response_length": float(at["response_ids"].map(len).mean())}
 
 
+def score_kl(samples: pd.DataFrame, scorer: ActorGroup, temperature: float, *, pad_id: int,
+             chunk: int = 64) -> None:
+    """Fill logp_policy, logp_reference and kl_exact for every row, at the sampling ``temperature``."""
+    values = {"logp_policy": [], "logp_reference": [], "kl_exact": []}
+    for start in range(0, len(samples), chunk):
+        part = samples.iloc[start:start + chunk]
+        batch = collate_sequences(list(part["prompt_ids"]), list(part["response_ids"]), pad_id)
+        out = scorer.run_one("score", batch, temperature)
+        for name in values:
+            values[name].extend(out[name].tolist())
+    for name, column in values.items():
+        samples[name] = column
+
+
 def evaluate_policy(model: str, prompt_ids: list[list[int]], config: EvalConfig, *, judge: ActorGroup,
-                    reference: ActorGroup, seed: int = 0, torch_threads: int | None = None,
+                    reference: str, seed: int = 0, torch_threads: int | None = None,
                     backend: str = "hf") -> pd.DataFrame:
-    """All samples of one policy with gold scores (``judge``), and policy / reference log-probs at the
-    KL temperature (``reference``: a model worker holding the reference policy)."""
+    """All samples of one policy with gold scores (``judge``), and at the KL temperature the policy /
+    reference log-probs and the exact KL, all at that temperature (``reference``: the reference model)."""
     pad_id = load_tokenizer(model).pad_token_id
     samples = sample_and_score(model, prompt_ids, config, judge, seed=seed, torch_threads=torch_threads,
                                backend=backend)
     at_kl = samples["temperature"] == config.kl_temperature
     kl_rows = samples[at_kl].reset_index(drop=True)
-    policy = logprob_scorer(model, "policy-logprobs", torch_threads)
+    scorer = ActorGroup(KLScorerActor, "kl-scorer", resources=ActorResources(torch_threads=torch_threads),
+                        init_kwargs={"model": model, "reference": reference})
     try:
-        add_sequence_logprobs(kl_rows, policy, "logp_policy", pad_id=pad_id)
+        score_kl(kl_rows, scorer, config.kl_temperature, pad_id=pad_id)
     finally:
-        policy.shutdown()
-    add_sequence_logprobs(kl_rows, reference, "logp_reference", pad_id=pad_id)
-    samples["logp_policy"] = np.nan
-    samples["logp_reference"] = np.nan
-    samples.loc[at_kl, "logp_policy"] = kl_rows["logp_policy"].to_numpy()
-    samples.loc[at_kl, "logp_reference"] = kl_rows["logp_reference"].to_numpy()
+        scorer.shutdown()
+    for name in ("logp_policy", "logp_reference", "kl_exact"):
+        samples[name] = np.nan
+        samples.loc[at_kl, name] = kl_rows[name].to_numpy()
     return samples

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from jobs.experiment.evaluate import summarize, win_rates  # noqa: E402
+from jobs.experiment.stats import paired_difference, significant  # noqa: E402
 
 METHOD_COLORS = {"SFT": "#555555", "PPO": "#1f77b4", "PPO-GT": "#17becf", "DPO": "#d62728",
                  "Preferred-FT": "#2ca02c", "Best-of-N": "#9467bd"}
@@ -61,10 +62,43 @@ def build_tables(config, policies: dict, evaluations: dict, stages: dict, best_o
         bon["total_wall_s"] = deps["wall_s"] + own["wall_s"] * share
         tables["best_of_n"] = bon.drop(columns=["stages"])
     tables["compute_matched"] = compute_matched(runs)
+    tables["differences"] = paired_differences(runs, evaluations, config.eval.kl_temperature, config.seed)
     tables["examples"] = example_continuations(policies, evaluations, config.eval.kl_temperature)
     tables["stages"] = pd.DataFrame([{"stage": s.name, "skipped": s.skipped, **s.compute,
                                       **{k: s.summary.get(k) for k in TOKEN_KEYS}} for s in stages.values()])
     return tables
+
+
+def paired_differences(runs: pd.DataFrame, evaluations: dict, temperature: float, seed: int = 0) -> pd.DataFrame:
+    """Gold-reward differences a − b over the held-out prompts both evaluated, at the KL temperature,
+    each with a paired prompt-level bootstrap CI: every trained run vs SFT, and best DPO vs best PPO."""
+    pairs = [(run, "SFT") for run in runs["run"] if run != "SFT"]
+    best = {m: g.loc[g["gold_reward"].idxmax(), "run"] for m, g in runs.groupby("method")}
+    if "DPO" in best and "PPO" in best:
+        pairs.append((best["DPO"], best["PPO"]))
+    rows = []
+    for a, b in pairs:
+        at_a, at_b = (evaluations[r][evaluations[r]["temperature"] == temperature] for r in (a, b))
+        diff, low, high = paired_difference(at_a, at_b, "gold", seed=seed)
+        rows.append({"a": a, "b": b, "temperature": temperature, "diff": diff, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=["a", "b", "temperature", "diff", "ci_low", "ci_high"])
+
+
+def difference_sentences(differences: pd.DataFrame) -> list[str]:
+    """Which paired differences are significant at 95% (CI excludes 0) and which are not, in numbers."""
+    if differences.empty:
+        return []
+    def text(row) -> str:
+        return f"{row.a} − {row.b} {row.diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}]"
+    flags = [significant(r.ci_low, r.ci_high) for r in differences.itertuples()]
+    yes = [text(r) for r, f in zip(differences.itertuples(), flags) if f]
+    no = [text(r) for r, f in zip(differences.itertuples(), flags) if not f]
+    out = []
+    if yes:
+        out.append("Significant at 95% (paired prompt-level bootstrap, CI excludes 0): " + "; ".join(yes) + ".")
+    if no:
+        out.append("Not significant at 95% (CI includes 0): " + "; ".join(no) + ".")
+    return out
 
 
 def example_continuations(policies: dict, evaluations: dict, temperature: float, prompts: int = 3) -> pd.DataFrame:
@@ -112,20 +146,20 @@ def summary_sentences(tables: dict) -> list[str]:
     ties = int((trained["gold_reward"] == best.gold_reward).sum()) - 1
     tied = f" (tied with {ties} other run{'s' if ties > 1 else ''})" if ties else ""
     out.append(f"Highest gold reward{tied}: {best.run} ({best.method}) at {best.gold_reward:.3f} "
-               f"(CI {best.gold_reward_ci_low:.3f} to {best.gold_reward_ci_high:.3f}, KL {best.kl:.2f} nats), "
+               f"(CI {best.gold_reward_ci_low:.3f} to {best.gold_reward_ci_high:.3f}, exact KL {best.kl_exact:.2f} nats), "
                f"{above} the SFT policy's interval.")
     for method, group in trained.groupby("method"):
         top = group.loc[group["gold_reward"].idxmax()]
-        out.append(f"{method}: best run {top.run}, gold {top.gold_reward:.3f} at KL {top.kl:.2f}; "
-                   f"{len(group)} run(s) spanning KL {group.kl.min():.2f} to {group.kl.max():.2f}.")
-    if {"PPO", "DPO"} <= set(trained["method"]):
-        ppo = trained[trained.method == "PPO"].loc[lambda d: d.gold_reward.idxmax()]
-        dpo = trained[trained.method == "DPO"].loc[lambda d: d.gold_reward.idxmax()]
-        overlap = not (ppo.gold_reward_ci_low > dpo.gold_reward_ci_high or dpo.gold_reward_ci_low > ppo.gold_reward_ci_high)
-        diff = dpo.gold_reward - ppo.gold_reward
-        leader = "tied" if diff == 0 else ("DPO ahead" if diff > 0 else "PPO ahead")
-        out.append(f"Best DPO minus best PPO: {diff:+.3f} gold reward ({leader}; "
-                   f"confidence intervals {'overlap' if overlap else 'do not overlap'}).")
+        out.append(f"{method}: best run {top.run}, gold {top.gold_reward:.3f} at exact KL {top.kl_exact:.2f}; "
+                   f"{len(group)} run(s) spanning exact KL {group.kl_exact.min():.2f} to {group.kl_exact.max():.2f}.")
+    differences = tables.get("differences", pd.DataFrame())
+    head = differences[(differences.get("b") != "SFT")] if not differences.empty else differences
+    for row in head.itertuples():
+        verdict = ("significant at 95%, so " + ("DPO" if row.diff > 0 else "PPO") + " is ahead"
+                   if significant(row.ci_low, row.ci_high) else "not significant at 95%: no winner")
+        out.append(f"Best DPO minus best PPO ({row.a} − {row.b}): {row.diff:+.3f} gold reward, paired 95% CI "
+                   f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}], {verdict}.")
+    out.extend(difference_sentences(differences))
     wins = tables["win_rates"]
     hot = wins[(wins.method != "SFT")]
     if not hot.empty:
@@ -141,8 +175,8 @@ def summary_sentences(tables: dict) -> list[str]:
     if "best_of_n" in tables:
         bon = tables["best_of_n"]
         last = bon.iloc[-1]
-        out.append(f"Best-of-{int(last['n'])} with the learned reward: gold {last['gold_reward']:.3f} at analytic KL "
-                   f"{last['kl_analytic']:.2f}; selecting by the gold reward itself would reach {last['oracle_gold_reward']:.3f}.")
+        out.append(f"Best-of-{int(last['n'])} with the learned reward: gold {last['gold_reward']:.3f} at KL at most "
+                   f"{last['kl_analytic']:.2f} (the analytic upper bound); selecting by the gold reward itself would reach {last['oracle_gold_reward']:.3f}.")
     return out
 
 
@@ -175,7 +209,8 @@ def _methods_scatter(tables: dict, x: str, bon_x: str, xlabel: str, title: str, 
 
 
 def plot_frontier(tables: dict) -> str:
-    return _methods_scatter(tables, "kl", "kl_analytic", "KL(π ‖ π_SFT), nats (sampled, 95% CI; Best-of-N analytic)",
+    return _methods_scatter(tables, "kl_exact", "kl_analytic",
+                            "KL(π ‖ π_SFT), nats (exact, 95% CI; Best-of-N: analytic upper bound)",
                             "Reward–KL frontier", x_ci=True)
 
 
@@ -235,8 +270,8 @@ def write_report(root: Path, config, policies, evaluations, stages, best_of_n) -
     plots = {"Reward–KL frontier": plot_frontier(tables), "Win rate vs temperature": plot_win_rates(tables),
              "Reward vs compute": plot_reward_vs_compute(tables), "Best-of-N vs N": plot_best_of_n(tables)}
     sentences = summary_sentences(tables)
-    columns = ["run", "method", "param", "gold_reward", "gold_reward_ci_low", "gold_reward_ci_high", "kl", "kl_ci_low",
-               "kl_ci_high", "samples", "total_wall_s", "total_cpu_s", "total_tokens_generated", "total_tokens_trained"]
+    columns = ["run", "method", "param", "gold_reward", "gold_reward_ci_low", "gold_reward_ci_high", "kl_exact",
+               "kl_exact_ci_low", "kl_exact_ci_high", "kl", "kl_ci_low", "kl_ci_high", "samples", "total_wall_s", "total_cpu_s", "total_tokens_generated", "total_tokens_trained"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>rayalign comparison</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"

@@ -1,0 +1,67 @@
+"""The report's paired differences and the sentences generated from them (no Ray: tables in, text out)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from jobs.experiment.report import difference_sentences, paired_differences, summary_sentences
+
+
+def _samples(golds_by_prompt: dict[int, list[float]], temperature: float = 1.0) -> pd.DataFrame:
+    rows = [{"temperature": temperature, "prompt_index": p, "sample_index": i, "gold": g}
+            for p, golds in golds_by_prompt.items() for i, g in enumerate(golds)]
+    return pd.DataFrame(rows)
+
+
+def _runs(evaluations: dict, methods: dict) -> pd.DataFrame:
+    rows = []
+    for run, frame in evaluations.items():
+        mean = frame.groupby("prompt_index")["gold"].mean().mean()
+        rows.append({"run": run, "method": methods[run], "gold_reward": mean, "gold_reward_ci_low": mean - 1,
+                     "gold_reward_ci_high": mean + 1, "kl_exact": 0.1, "kl": 0.1})
+    return pd.DataFrame(rows)
+
+
+# SFT varies across prompts; DPO is SFT + 0.25 on every prompt (a sure gain once paired), PPO is SFT
+# plus a +0.5 / −0.5 swing (mean 0: its interval must include 0). Exact binary fractions throughout.
+SFT = {0: [0.0, 0.5], 1: [2.0, 1.0], 2: [-1.0, -2.0], 3: [0.5, 0.5]}
+EVALUATIONS = {
+    "SFT": _samples(SFT),
+    "dpo-beta0.1": _samples({p: [g + 0.25 for g in golds] for p, golds in SFT.items()}),
+    "ppo-kl0.05": _samples({p: [g + (0.5 if p % 2 else -0.5) for g in golds] for p, golds in SFT.items()}),
+}
+METHODS = {"SFT": "SFT", "dpo-beta0.1": "DPO", "ppo-kl0.05": "PPO"}
+
+
+def test_paired_differences_vs_sft_and_best_dpo_vs_best_ppo():
+    table = paired_differences(_runs(EVALUATIONS, METHODS), EVALUATIONS, 1.0).set_index(["a", "b"])
+    assert list(table.columns) == ["temperature", "diff", "ci_low", "ci_high"]
+    assert tuple(table.loc[("dpo-beta0.1", "SFT")]) == (1.0, 0.25, 0.25, 0.25)
+    ppo = table.loc[("ppo-kl0.05", "SFT")]
+    # per-prompt differences (−.5, +.5, −.5, +.5): mean 0; a 2000-draw bootstrap reaches both ends
+    assert ppo["diff"] == 0.0 and ppo["ci_low"] < 0 < ppo["ci_high"]
+    dpo_vs_ppo = table.loc[("dpo-beta0.1", "ppo-kl0.05")]
+    assert dpo_vs_ppo["diff"] == 0.25  # per prompt (+.75, −.25, +.75, −.25): mean +0.25
+
+
+def test_summary_states_significance_in_numbers_and_claims_no_unsupported_winner():
+    runs = _runs(EVALUATIONS, METHODS)
+    differences = paired_differences(runs, EVALUATIONS, 1.0)
+    text = " ".join(summary_sentences({"runs": runs, "differences": differences, "win_rates": pd.DataFrame(
+        columns=["method"]), "compute_matched": pd.DataFrame(columns=["best_gold_reward"])}))
+    assert "Significant at 95% (paired prompt-level bootstrap, CI excludes 0): dpo-beta0.1 − SFT +0.250 " \
+           "[+0.250, +0.250]" in text
+    assert "Not significant at 95% (CI includes 0): ppo-kl0.05 − SFT +0.000" in text
+    # DPO − PPO per prompt (+.75, −.25, +.75, −.25): a resample of all four −.25 has probability 1/16 > 2.5%,
+    # so the interval's low end is −0.25 and the summary must not name a winner
+    assert "Best DPO minus best PPO (dpo-beta0.1 − ppo-kl0.05): +0.250 gold reward, paired 95% CI [-0.250, " in text
+    assert "not significant at 95%: no winner" in text and "is ahead" not in text
+    assert difference_sentences(pd.DataFrame(columns=["a", "b", "diff", "ci_low", "ci_high"])) == []
+
+
+def test_differences_use_only_the_kl_temperature():
+    hot = {run: pd.concat([frame, _samples({0: [9.0], 1: [9.0]}, temperature=0.5)]) if run == "SFT" else frame
+           for run, frame in EVALUATIONS.items()}
+    table = paired_differences(_runs(EVALUATIONS, METHODS), hot, 1.0)
+    assert table.set_index(["a", "b"]).loc[("dpo-beta0.1", "SFT"), "diff"] == pytest.approx(0.25, abs=0)
