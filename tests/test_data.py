@@ -272,7 +272,7 @@ def test_imdb_too_short_and_bad_label(tmp_path):
 
 def test_demo_prompts_are_unique_short_openings():
     prompts = demo_prompts()
-    assert 100 <= len(prompts) <= 140
+    assert 400 <= len(prompts) <= 500
     texts = [p.prompt for p in prompts]
     assert len(set(texts)) == len(texts)
     assert len({t.lower().strip(" ,") for t in texts}) == len(texts)
