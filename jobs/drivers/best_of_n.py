@@ -34,7 +34,7 @@ from actors.models import load_tokenizer
 from actors.reward import RewardModelActor
 from jobs.run.batching import TokenizeConfig, encode_prompt
 from jobs.run.cluster import init_ray
-from jobs.run.config import ConfigError, check_model, check_scorer, run_cli, save_config
+from jobs.run.config import ConfigError, check_model, check_reward_source, check_scorer, run_cli, save_config
 from jobs.data.source import DataConfig, load_prompt_splits
 from jobs.run.metrics import MetricsLogger
 from jobs.experiment.stats import bootstrap_ci
@@ -93,18 +93,10 @@ class BestOfNConfig:
             raise ConfigError(f"backend must be one of {', '.join(GENERATION_BACKENDS)}, got {self.backend!r}")
         if self.backend == "hf" and self.backend_options:
             raise ConfigError("backend_options apply to the vllm backend only (backend is hf)")
-        if self.reward.kind not in ("gold", "learned"):
-            raise ConfigError(f"reward.kind must be gold or learned, got {self.reward.kind!r}")
-        if self.reward.kind == "gold" and not self.reward.scorer:
-            raise ConfigError("reward.scorer is required when reward.kind is gold")
-        if self.reward.kind == "learned" and not self.reward.model:
-            raise ConfigError("reward.model is required when reward.kind is learned")
+        check_reward_source("reward", self.reward)
         if not self.gold_scorer:
             raise ConfigError("gold_scorer is required")
         check_model("model", self.model)
-        check_model("reward.model", self.reward.model)
-        if self.reward.kind == "gold":
-            check_scorer("reward.scorer", self.reward.scorer)
         check_scorer("gold_scorer", self.gold_scorer)
 
 
@@ -193,8 +185,8 @@ def train(config: BestOfNConfig) -> dict:
         start = time.perf_counter()
         prompts_of = [c.prompt_ids for c in completions]
         responses = [c.response_ids for c in completions]
-        gold_ref = judge.call_all("score", prompts_of, responses)[0]
-        selector_ref = gold_ref if same_as_gold else selector.call_all("score", prompts_of, responses)[0]
+        gold_ref = judge.submit("score", prompts_of, responses)
+        selector_ref = gold_ref if same_as_gold else selector.submit("score", prompts_of, responses)
         gold_scores, selector_scores = judge.get([gold_ref, selector_ref], "score")
         score_s = time.perf_counter() - start
     finally:

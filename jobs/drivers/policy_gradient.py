@@ -250,9 +250,9 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
             mask = rollout.mask
 
             t0 = time.perf_counter()
-            refs = [fleet.policy.call_all("logprobs", rollout.batch)[0], fleet.reference_logprobs(rollout.batch),
-                    fleet.reward.call_all("score", [c.prompt_ids for c in completions],
-                                          [c.response_ids for c in completions])[0]]
+            refs = [fleet.policy.submit("logprobs", rollout.batch), fleet.reference_logprobs(rollout.batch),
+                    fleet.reward.submit("score", [c.prompt_ids for c in completions],
+                                          [c.response_ids for c in completions])]
             policy_lp, reference_lp, reward = fleet.policy.get(refs, "score rollout")
             timing["score"] = time.perf_counter() - t0
             old_logprobs, ref_logprobs = policy_lp["token_logps"], reference_lp["token_logps"]

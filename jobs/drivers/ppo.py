@@ -61,13 +61,13 @@ class Fleet:
         """An ObjectRef to the reference's log-probs of ``batch``: the ReferenceActor's, or with LoRA the
         policy's own base model (``PolicyActor.reference_logprobs``)."""
         if self.reference is None:
-            return self.policy.call_all("reference_logprobs", batch)[0]
-        return self.reference.call_all("logprobs", batch)[0]
+            return self.policy.submit("reference_logprobs", batch)
+        return self.reference.submit("logprobs", batch)
 
     def push_weights(self, version: int) -> None:
         """Policy -> object store -> generators, without a stop in the driver: the LoRA adapters alone
         where every generator serves adapters, else the full (with LoRA: merged) weights."""
-        weights = self.policy.call_all("adapter_weights" if self.adapter_sync else "named_weights")[0]
+        weights = self.policy.submit("adapter_weights" if self.adapter_sync else "named_weights")
         self.generators.run_all("update_weights", weights, version)
 
     def groups(self) -> dict[str, ActorGroup]:
@@ -158,7 +158,7 @@ def evaluate(fleet: Fleet, prompts: list[list[int]], config: PPOConfig, pad_id: 
     sampling = dataclasses.replace(config.rollout, n=config.eval_samples_per_prompt, seed=config.seed + 10_000)
     completions = generate_sharded(fleet.generators, prompts, sampling)
     rollout = make_rollout(completions, pad_id)
-    pol_ref = fleet.policy.call_all("logprobs", rollout.batch)[0]
+    pol_ref = fleet.policy.submit("logprobs", rollout.batch)
     ref_ref = fleet.reference_logprobs(rollout.batch)
     prompt_ids, response_ids = [c.prompt_ids for c in completions], [c.response_ids for c in completions]
     judge = fleet.judge or fleet.reward
@@ -199,8 +199,8 @@ def save_checkpoint(writer: CheckpointWriter, fleet: Fleet, step: int, driver_st
     """Policy and critic states in parallel, then the driver's state and the manifest (atomically)."""
 
     def save_actors(folder: Path) -> list[str]:
-        refs = [fleet.policy.call_all("save_state", str(folder / "policy"))[0],
-                fleet.critic.call_all("save_state", str(folder / "critic"))[0]]
+        refs = [fleet.policy.submit("save_state", str(folder / "policy")),
+                fleet.critic.submit("save_state", str(folder / "critic"))]
         fleet.policy.get(refs, "save_state")
         return ["policy", "critic"]
 
@@ -209,8 +209,8 @@ def save_checkpoint(writer: CheckpointWriter, fleet: Fleet, step: int, driver_st
 
 def restore_checkpoint(fleet: Fleet, folder: Path, step: int) -> None:
     """Policy and critic back to the checkpoint, and the generators given the restored policy's weights."""
-    refs = [fleet.policy.call_all("load_state", str(folder / "policy"))[0],
-            fleet.critic.call_all("load_state", str(folder / "critic"))[0]]
+    refs = [fleet.policy.submit("load_state", str(folder / "policy")),
+            fleet.critic.submit("load_state", str(folder / "critic"))]
     fleet.policy.get(refs, "load_state")
     fleet.push_weights(step)
 
@@ -269,10 +269,10 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
 
             # The four scoring passes run on four actors at once.
             t0 = time.perf_counter()
-            refs = {"policy": fleet.policy.call_all("logprobs", rollout.batch)[0],
+            refs = {"policy": fleet.policy.submit("logprobs", rollout.batch),
                     "reference": fleet.reference_logprobs(rollout.batch),
-                    "reward": fleet.reward.call_all("score", prompt_ids, response_ids)[0],
-                    "critic": fleet.critic.call_all("values", rollout.batch)[0]}
+                    "reward": fleet.reward.submit("score", prompt_ids, response_ids),
+                    "critic": fleet.critic.submit("values", rollout.batch)}
             results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
             timing["score"] = time.perf_counter() - t0  # wall time of the four concurrent passes
             old_logprobs = results["policy"]["token_logps"]
@@ -301,10 +301,10 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
             timing["advantages"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            actor_ref = fleet.policy.call_all("train_ppo", rollout.batch, old_logprobs, advantages,
+            actor_ref = fleet.policy.submit("train_ppo", rollout.batch, old_logprobs, advantages,
                                               step_ppo_args(ppo_args, config, kl_ctl),
-                                              ref_logprobs if config.kl.in_loss else None)[0]
-            critic_ref = fleet.critic.call_all("train_value", rollout.batch, values, returns, ppo_args)[0]
+                                              ref_logprobs if config.kl.in_loss else None)
+            critic_ref = fleet.critic.submit("train_value", rollout.batch, values, returns, ppo_args)
             actor_metrics, critic_metrics = fleet.policy.get([actor_ref, critic_ref], "train")
             timing["update"] = time.perf_counter() - t0  # wall time; policy and critic train concurrently
             timing["update_actor"] = actor_metrics["timing_s/total"]

@@ -16,7 +16,7 @@ from jobs.data.source import DataConfig
 from jobs.run.batching import TokenizeConfig
 from jobs.run.checkpoint import CheckpointConfig
 from jobs.run.cluster import TrainingRoleConfig, check_placement
-from jobs.run.config import ConfigError, check_model, check_scorer
+from jobs.run.config import ConfigError, check_model, check_reward_source, check_scorer
 from jobs.run.faults import FaultConfig
 
 
@@ -104,12 +104,7 @@ class PPOConfig:
         self.rollout.validate("rollout")
         self.optimizer.validate("optimizer")
         self.critic_optimizer.validate("critic_optimizer")
-        if self.reward.kind not in ("gold", "learned"):
-            raise ConfigError(f"reward.kind must be gold or learned, got {self.reward.kind!r}")
-        if self.reward.kind == "gold" and not self.reward.scorer:
-            raise ConfigError("reward.scorer is required when reward.kind is gold")
-        if self.reward.kind == "learned" and not self.reward.model:
-            raise ConfigError("reward.model is required when reward.kind is learned")
+        check_reward_source("reward", self.reward)
         if self.kl.estimator not in KL_ESTIMATORS:
             raise ConfigError(f"kl.estimator must be one of {KL_ESTIMATORS}, got {self.kl.estimator!r}")
         if self.kl.coef < 0:
@@ -137,9 +132,6 @@ class PPOConfig:
             raise ConfigError("generation_options apply to the vllm backend only (generation_backend is hf)")
         for key in ("model", "reference_model", "critic_model"):
             check_model(key, getattr(self, key))
-        check_model("reward.model", self.reward.model)
-        if self.reward.kind == "gold":
-            check_scorer("reward.scorer", self.reward.scorer)
         check_scorer("eval_scorer", self.eval_scorer)
         check_placement(self.placement, ("policy", "reference", "reward", "critic", "generator", "judge"))
         if self.policy.lora and self.reference_model not in (None, self.model):

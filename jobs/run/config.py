@@ -189,6 +189,20 @@ def check_scorer(key: str, spec: str | None) -> None:
             check_model(key, model)
 
 
+def check_reward_source(key: str, source) -> None:
+    """A reward (PPO's ``reward``, Best-of-N's selector): ``kind`` gold with a scorer spec, or learned with a
+    reward-model folder; every field checked here, once, for every job that takes one."""
+    if source.kind not in ("gold", "learned"):
+        raise ConfigError(f"{key}.kind must be gold or learned, got {source.kind!r}")
+    if source.kind == "gold" and not source.scorer:
+        raise ConfigError(f"{key}.scorer is required when {key}.kind is gold")
+    if source.kind == "learned" and not source.model:
+        raise ConfigError(f"{key}.model is required when {key}.kind is learned")
+    check_model(f"{key}.model", source.model)
+    if source.kind == "gold":
+        check_scorer(f"{key}.scorer", source.scorer)
+
+
 def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str | None, argv=None,
             override_help: str = "key.sub=value overrides") -> int:
     """The command line every driver shares: ``--preset``, ``--data``, ``--skip-bad-rows``, overrides, and
