@@ -12,7 +12,13 @@ from pathlib import Path
 
 import ray
 
+# Imported here, not inside the functions: under `ray job submit` the job's working-dir copy can be
+# re-extracted while the driver's ray.init runs, and a module first imported after it is not found
+# (tests/test_platform.py::test_submitted_dpo_job_succeeds_with_outputs_and_logs).
+from actors.fsdp.group import training_group
+from actors.fsdp.mixin import STRATEGIES, FSDPConfig
 from actors.group import ActorResources
+from jobs.run.config import ConfigError
 
 # The default token file Ray reads when neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set.
 DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
@@ -101,8 +107,6 @@ def check_placement(placement: dict, roles: tuple[str, ...] = ROLES, key: str = 
 
     ``GPU`` is the one built-in name taken: the share of a GPU the role asks for on a GPU cluster (e.g.
     ``{policy: {GPU: 0.5}, reference: {GPU: 0.5}}`` puts both on one device; ignored without GPUs)."""
-    from jobs.run.config import ConfigError
-
     if not isinstance(placement, dict):
         raise ConfigError(f"{key}: expected a mapping of role -> {{resource: amount}}, got {placement!r}")
     for role, wanted in placement.items():
@@ -158,9 +162,6 @@ class TrainingRoleConfig:
                 "packing": self.packing, "offload_optimizer": self.offload_optimizer}
 
     def validate(self, key: str, roles: tuple[str, ...] = ()) -> None:
-        from actors.fsdp.mixin import STRATEGIES, FSDPConfig
-        from jobs.run.config import ConfigError
-
         if self.num_workers < 1:
             raise ConfigError(f"{key}.num_workers must be >= 1, got {self.num_workers}")
         if self.strategy not in STRATEGIES:
@@ -191,8 +192,6 @@ class TrainingRoleConfig:
 def build_training_group(actor_cls: type, role: str, layout: TrainingRoleConfig, *, resources: ActorResources,
                          init_kwargs: dict, call_timeout_s: float, colocate_with=None):
     """A plain ActorGroup for one worker, an FSDP2 ShardedActorGroup for more (same driver code)."""
-    from actors.fsdp.group import training_group
-
     init_kwargs = {**init_kwargs, **layout.actor_options()}
     return training_group(actor_cls, role, layout.num_workers, resources=resources, init_kwargs=init_kwargs,
                           strategy=layout.strategy, colocate_with=colocate_with, share=layout.share,
