@@ -128,12 +128,17 @@ def test_bradley_terry_step_matches_the_formula(tiny_tokenizer):
 # -- PPO with the learned reward -----------------------------------------------------------------
 @pytest.mark.slow
 def test_ppo_with_a_learned_reward_model(reward_run, tmp_path):
-    """The critic starts as a copy of the reward model (same head), and PPO runs on its normalised scores."""
+    """The critic starts as the reward model with its normalisation folded into the head (w/σ, (b − μ)/σ),
+    so it predicts on the scale of PPO's normalised rewards, and PPO runs on those scores."""
     _, summary, folder = reward_run
     checkpoint = str(folder / "checkpoint")
     critic = CriticActor(checkpoint, torch_threads=1)
     reward = ScalarHeadModel.from_pretrained(checkpoint)
-    assert torch.equal(critic.model.head.weight, reward.head.weight)
+    assert reward.reward_std != 1.0 and reward.reward_mean != 0.0  # the fold below is not the identity
+    # The same float32 operations as the fold, so equality is exact.
+    assert torch.equal(critic.model.head.weight, reward.head.weight / reward.reward_std)
+    assert torch.equal(critic.model.head.bias, (reward.head.bias - reward.reward_mean) / reward.reward_std)
+    assert (critic.model.reward_mean, critic.model.reward_std) == (0.0, 1.0)
     config = build_config(PPOConfig, "ppo_tiny", [f"output_dir={tmp_path}", "steps=4", "eval_every=0",
                                                   "reward.kind=learned", f"reward.model={checkpoint}"])
     result = train_ppo(config)
