@@ -52,7 +52,7 @@ class Fleet:
     policy: ActorGroup
     reference: ActorGroup | None  # None: a LoRA policy is its own reference (adapters disabled)
     reward: ActorGroup
-    critic: ActorGroup
+    critic: ActorGroup | None  # None: a critic-free fleet (build_fleet(..., critic=False))
     generators: ActorGroup
     judge: ActorGroup | None
     adapter_sync: bool = False  # LoRA policy and LoRA-enabled vLLM generators: push only the adapters
@@ -80,7 +80,9 @@ class Fleet:
             group.shutdown()
 
 
-def build_fleet(config: PPOConfig) -> Fleet:
+def build_fleet(config: PPOConfig, *, critic: bool = True, micro_batch_size: int | None = None) -> Fleet:
+    """PPO's roles. ``critic=False`` builds the same fleet without a critic for a config that has no critic
+    keys (online DPO); ``micro_batch_size`` then stands in for ``config.ppo.micro_batch_size``."""
     resources = ActorResources(torch_threads=config.torch_threads)
 
     # Frozen roles hold nothing a checkpoint must restore: Ray restarts them and retries their calls.
@@ -93,8 +95,7 @@ def build_fleet(config: PPOConfig) -> Fleet:
     common = {"seed": config.seed}
     reward_kwargs = ({"kind": "gold", "scorer": config.reward.scorer, "tokenizer": config.model}
                      if config.reward.kind == "gold" else {"kind": "learned", "model": config.reward.model})
-    critic_model = config.critic_model or (config.reward.model if config.reward.kind == "learned" else config.model)
-    micro = config.ppo.micro_batch_size
+    micro = micro_batch_size if micro_batch_size is not None else config.ppo.micro_batch_size
     timeout = config.faults.call_timeout_s
     made: dict[str, ActorGroup] = {}
     try:
@@ -107,11 +108,14 @@ def build_fleet(config: PPOConfig) -> Fleet:
                 "model": config.reference_model or config.model, "micro_batch_size": micro, **common})
         made["reward"] = ActorGroup(RewardModelActor, "reward", resources=place("reward"),
                                     init_kwargs={**reward_kwargs, **common})
-        made["critic"] = build_training_group(
-            CriticActor, "critic", config.critic, resources=place("critic"), call_timeout_s=timeout,
-            colocate_with=made["policy"] if config.critic.colocate_with == "policy" else None, init_kwargs={
-                "model": critic_model, "optimizer": dataclasses.asdict(config.critic_optimizer),
-                "micro_batch_size": micro, **common})
+        if critic:
+            critic_model = config.critic_model or (config.reward.model if config.reward.kind == "learned"
+                                                   else config.model)
+            made["critic"] = build_training_group(
+                CriticActor, "critic", config.critic, resources=place("critic"), call_timeout_s=timeout,
+                colocate_with=made["policy"] if config.critic.colocate_with == "policy" else None, init_kwargs={
+                    "model": critic_model, "optimizer": dataclasses.asdict(config.critic_optimizer),
+                    "micro_batch_size": micro, **common})
         made["generator"] = ActorGroup(GenerationActor, "generator", num_actors=config.num_generators,
                                        indexed_names=True, resources=place("generator"), init_kwargs={
                                            "model": config.model, "backend": config.generation_backend,
@@ -129,7 +133,7 @@ def build_fleet(config: PPOConfig) -> Fleet:
             group.shutdown()
         raise
     adapter_sync = bool(config.policy.lora) and all(made["generator"].run_all("accepts_adapters"))
-    return Fleet(policy=made["policy"], reference=made.get("reference"), reward=made["reward"], critic=made["critic"],
+    return Fleet(policy=made["policy"], reference=made.get("reference"), reward=made["reward"], critic=made.get("critic"),
                  generators=made["generator"], judge=made.get("judge"), adapter_sync=adapter_sync)
 
 
