@@ -148,7 +148,6 @@ def _selector_name(config: BestOfNConfig) -> str:
 
 def train(config: BestOfNConfig) -> dict:
     out = Path(config.output_dir) / config.run_name
-    save_config(config, out)
     tokenizer = load_tokenizer(config.model)
     train_prompts, eval_prompts, report = load_prompt_splits(config.data, config.seed)
     records = (eval_prompts if config.split == "eval" else train_prompts)[: config.num_prompts]
@@ -158,6 +157,7 @@ def train(config: BestOfNConfig) -> dict:
                   for r in records]
     print(f"[data] {len(prompt_ids)} {config.split} prompts x {config.max_n} samples; {json.dumps(report)}")
 
+    save_config(config, out)  # the first write, once config and data are checked: a failed start writes nothing
     init_ray(config.address, namespace=f"rayalign-{config.run_name}")
     threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.num_generators)
     generators = ActorGroup(GenerationActor, "generator", num_actors=config.num_generators, indexed_names=True,

@@ -307,7 +307,8 @@ def _best_of_n_stage(runner: StageRunner, config: CompareConfig, sft_policy: str
 
 def main(argv=None) -> int:
     return run_cli(CompareConfig, run_experiment, "python -m jobs.compare", __doc__, argv,
-                   "key.sub=value overrides, e.g. dpo_betas=[0.1,0.5]")
+                   "key.sub=value overrides, e.g. dpo_betas=[0.1,0.5]",
+                   same_config_continues=True)  # a rerun of the same config continues (finished stages skipped)
 
 
 if __name__ == "__main__":

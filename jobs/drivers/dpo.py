@@ -150,7 +150,6 @@ def train(config: DPOConfig) -> dict:
     """Run DPO end to end (resuming and recovering from dead actors as configured); returns the summary
     written to ``summary.json``."""
     out = run_dir(config)
-    save_config(config, out)
     tokenizer = load_tokenizer(config.model)
     train_pairs, eval_pairs, report = load_pair_splits(config.data, config.seed)
     train_enc, train_counts = encode_pairs(tokenizer, train_pairs, config.tokenize)
@@ -159,6 +158,7 @@ def train(config: DPOConfig) -> dict:
         raise ConfigError(f"data.train: no usable pairs in {config.data.train!r} after validation and tokenization")
     print(f"[data] {len(train_enc)} train / {len(eval_enc)} eval pairs; {json.dumps(report)}; tokenize {json.dumps(train_counts)}")
     resume_from = resolve_resume(out, config.checkpoint.resume)
+    save_config(config, out)  # the first write, once config and data are checked: a failed start writes nothing
     init_ray(config.address, namespace=f"rayalign-{config.run_name}")
     faults = FaultInjector(config.faults)
     return run_with_recovery(

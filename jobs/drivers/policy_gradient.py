@@ -186,7 +186,6 @@ def compute_advantages(config: PolicyGradientConfig, scores: torch.Tensor, old_l
 
 def train(config: PolicyGradientConfig) -> dict:
     out = Path(config.output_dir) / config.run_name
-    save_config(config, out)
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id
     train_prompts, eval_prompts, report = load_prompt_splits(config.data, config.seed)
@@ -197,6 +196,7 @@ def train(config: PolicyGradientConfig) -> dict:
         raise ConfigError(f"data.train: no prompts in {config.data.train!r}")
     print(f"[data] {len(train_ids)} train / {len(eval_ids)} eval prompts; {json.dumps(report)}")
     resume_from = resolve_resume(out, config.checkpoint.resume)
+    save_config(config, out)  # the first write, once config and data are checked: a failed start writes nothing
     init_ray(config.address, namespace=f"rayalign-{config.run_name}")
     faults = FaultInjector(config.faults)
     return run_with_recovery(

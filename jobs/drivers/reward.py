@@ -111,7 +111,6 @@ def normalization_from_policy(reward: ActorGroup, config: RewardTrainConfig, pro
 
 def train(config: RewardTrainConfig) -> dict:
     out = Path(config.output_dir) / config.run_name
-    save_config(config, out)
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id
     train_pairs, eval_pairs, report = load_pair_splits(config.data, config.seed)
@@ -121,6 +120,7 @@ def train(config: RewardTrainConfig) -> dict:
         raise ConfigError(f"data.train: no usable pairs in {config.data.train!r} after validation and tokenization")
     print(f"[data] {len(train_enc)} train / {len(eval_enc)} eval pairs; {json.dumps(report)}; tokenize {json.dumps(counts)}")
 
+    save_config(config, out)  # the first write, once config and data are checked: a failed start writes nothing
     init_ray(config.address, namespace=f"rayalign-{config.run_name}")
     reward = build_training_group(RewardModelActor, "reward", config.reward,
                                   resources=ActorResources(torch_threads=config.torch_threads), call_timeout_s=1800.0,

@@ -113,7 +113,6 @@ def evaluate(policy: ActorGroup, demos: list[Demonstration], pad_id: int, micro:
 
 def train(config: SFTConfig) -> dict:
     out = Path(config.output_dir) / config.run_name
-    save_config(config, out)
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id
     train_demos, eval_demos, report = load_demonstrations(config, tokenizer)
@@ -122,6 +121,7 @@ def train(config: SFTConfig) -> dict:
     print(f"[data] {len(train_demos)} train / {len(eval_demos)} eval demonstrations ({config.target}); "
           f"{json.dumps(report)}")
 
+    save_config(config, out)  # the first write, once config and data are checked: a failed start writes nothing
     init_ray(config.address, namespace=f"rayalign-{config.run_name}")
     policy = build_training_group(PolicyActor, "policy", config.policy,
                                   resources=ActorResources(torch_threads=config.torch_threads), call_timeout_s=1800.0,

@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
-from jobs.run.config import ConfigError
+from jobs.run.config import ConfigError, config_dict, config_hash, plain_config
+# The path helpers live with the run-folder check (which reads checkpoints before anything is written);
+# they are re-exported here, where checkpoints are written and loaded.
+from jobs.run.run_folder import (MANIFEST, PREFIX, checkpoint_config, checkpoints_root,  # noqa: F401
+                                 computation_diff, list_checkpoints, read_manifest)
 
-MANIFEST = "manifest.json"
 DRIVER_STATE = "driver.pt"
-PREFIX = "step_"
 
 
 @dataclass
@@ -41,19 +43,6 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.resume: no checkpoint folder at {self.resume!r}")
 
 
-def checkpoints_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (with a manifest), oldest first. Temporary folders are ignored."""
-    root = checkpoints_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MANIFEST).exists()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
-
-
 def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
     """The checkpoint folder to resume from, None to start fresh (``latest`` with no checkpoint yet)."""
     if not resume:
@@ -67,23 +56,23 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
     return folder
 
 
-def read_manifest(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / MANIFEST).read_text())
-
-
 def training_config_hash(config) -> str:
     """The config's hash without the sections that may change between an interrupted run and its
     resumption (checkpointing and fault handling)."""
-    from jobs.run.config import config_dict, config_hash
-
     return config_hash({k: v for k, v in config_dict(config).items() if k not in ("checkpoint", "faults")})
 
 
 def check_resume(folder: Path, config) -> dict:
-    """The manifest of the checkpoint to resume from; warns when the training config changed since."""
+    """The manifest of the checkpoint to resume from; warns, naming the keys, when the config changed on a
+    key that changes the computation (the command line refuses such a resume before it starts)."""
     manifest = read_manifest(folder)
-    if manifest.get("config_hash") != training_config_hash(config):
-        print(f"[resume] warning: the config differs from the one {folder} was written with; "
+    saved = checkpoint_config(folder)
+    if saved is not None:
+        diff = computation_diff(saved, plain_config(config))
+    else:  # a checkpoint written before manifests held the config
+        diff = ["(keys unknown)"] if manifest.get("config_hash") != training_config_hash(config) else []
+    if diff:
+        print(f"[resume] warning: the config differs from the one {folder} was written with ({'; '.join(diff)}); "
               "the resumed run is not a continuation of the same experiment")
     return manifest
 
@@ -96,6 +85,7 @@ class CheckpointWriter:
         self.root = checkpoints_root(run_dir)
         self.keep = keep
         self.config_hash = training_config_hash(config)
+        self.config = plain_config(config)  # what --resume compares the requested config with
 
     def write(self, step: int, save_actors, driver_state: dict[str, Any]) -> Path:
         """``save_actors(tmp_folder) -> list of sub-folder names`` saves every trainable actor's state."""
@@ -108,6 +98,7 @@ class CheckpointWriter:
         parts = list(save_actors(tmp))
         torch.save(driver_state, tmp / DRIVER_STATE)
         manifest = {"step": step, "parts": parts, "driver_state": DRIVER_STATE, "config_hash": self.config_hash,
+                    "config": self.config,
                     "written_at": time.time(), "write_s": time.perf_counter() - start}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if final.exists():  # a rerun of the same step (after a recovery): replace it whole

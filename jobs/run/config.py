@@ -6,6 +6,7 @@ resolved config next to its outputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from jobs.run.cli import DEBUG_ENV, DEBUG_FLAG, UserError, guarded
+from jobs.run.run_folder import before_first_write, check_start, overwriting
 
 PRESETS = Path(__file__).parent.parent / "presets"
 T = TypeVar("T")
@@ -146,11 +148,19 @@ def config_hash(config, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def plain_config(config) -> dict:
+    """The config as ``config.yaml`` holds it (JSON types: tuples become lists, other objects text)."""
+    return json.loads(json.dumps(config_dict(config), default=str))
+
+
 def save_config(config, folder: str | Path) -> Path:
+    """Write ``folder/config.yaml``; drivers call it once the config and data are checked, as the run's
+    first write (under ``--overwrite`` the old run in ``folder`` is moved aside just before)."""
     folder = Path(folder)
+    before_first_write(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(config_dict(config), default=str)), sort_keys=False))
+    path.write_text(yaml.safe_dump(plain_config(config), sort_keys=False))
     return path
 
 
@@ -204,12 +214,14 @@ def check_reward_source(key: str, source) -> None:
 
 
 def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str | None, argv=None,
-            override_help: str = "key.sub=value overrides") -> int:
-    """The command line every driver shares: ``--preset``, ``--data``, ``--skip-bad-rows``, overrides, and
-    ``--resume`` / ``--resume-from PATH`` for drivers whose config has a ``checkpoint`` section.
+            override_help: str = "key.sub=value overrides", same_config_continues: bool = False) -> int:
+    """The command line every driver shares: ``--preset``, ``--data``, ``--skip-bad-rows``, ``--overwrite``,
+    overrides, and ``--resume`` / ``--resume-from PATH`` for drivers whose config has a ``checkpoint`` section.
 
     A bad config exits with a message naming the key before any actor starts; every user error
-    (config, data, paths) is one stderr line and exit status 2 (:func:`jobs.run.cli.guarded`).
+    (config, data, paths) is one stderr line and exit status 2 (:func:`jobs.run.cli.guarded`). A run
+    folder that already holds a run is refused unless resumed or overwritten (:mod:`jobs.run.run_folder`;
+    ``same_config_continues``: a rerun of the same config continues it, as ``jobs.compare``'s stage cache does).
     """
     import argparse
 
@@ -221,6 +233,8 @@ def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str 
         parser.add_argument("--resume", action="store_true",
                             help="continue from the run's newest checkpoint (a fresh start if it has none)")
         parser.add_argument("--resume-from", default=None, metavar="PATH", help="continue from this checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move a run already in the run folder aside (to <folder>.old-<time>) and start afresh")
     parser.add_argument(DEBUG_FLAG, action="store_true",
                         help=f"show the traceback of a config or data error (also {DEBUG_ENV}=1)")
     parser.add_argument("overrides", nargs="*", help=override_help)
@@ -244,6 +258,12 @@ def run_cli(cls: type[T], train: typing.Callable[[T], Any], prog: str, doc: str 
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(str(exc)) from exc
-        train(config)
+        folder = Path(config.output_dir) / config.run_name
+        checkpoint = getattr(config, "checkpoint", None)
+        check_start(folder, plain_config(config), resume=getattr(checkpoint, "resume", None),
+                    resumable=checkpoint is not None, overwrite=args.overwrite,
+                    same_config_continues=same_config_continues)
+        with overwriting(folder) if args.overwrite else contextlib.nullcontext():
+            train(config)
 
     return guarded(work, argv)
