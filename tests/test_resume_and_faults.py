@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,47 @@ def test_dpo_interrupted_then_resumed_equals_the_uninterrupted_run(dpo_reference
     summary = train_dpo(_dpo(out, "cut", "checkpoint.resume=latest"))
     assert summary["resumed_from"].endswith("step_000004")
     _assert_same_run(out / "full", out / "cut")
+
+
+def _raw_scalar_events(folder: Path) -> list[tuple[str, int]]:
+    """(tag, step) of every scalar event in every event file, as any reader of the files sees them."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [(value.tag, event.step) for path in sorted(folder.glob("events.out.tfevents.*"))
+            for event in EventFileLoader(str(path)).Load() if event.HasField("summary") for value in event.summary.value]
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if not tag.startswith(VOLATILE)}
+
+
+@pytest.mark.slow
+def test_resume_leaves_metrics_and_tensorboard_as_an_uninterrupted_run(dpo_reference, tmp_path):
+    """Resuming a finished run from its step-4 checkpoint: the steps after 4 written by the first pass are
+    dropped from metrics.jsonl, metrics.csv and TensorBoard's event files, so every step is there once, with
+    the uninterrupted run's values (a raw reader of the event files sees each (tag, step) once, not only
+    TensorBoard's own purging reader)."""
+    import pandas as pd
+
+    out, _ = dpo_reference
+    again = tmp_path / "again"
+    shutil.copytree(out / "full", again)
+    train_dpo(_dpo(tmp_path, "again", f"checkpoint.resume={again}/checkpoints/step_000004"))
+    _assert_same_run(out / "full", again)
+    assert [r["step"] for r in _metrics(again)] == [1, 2, 3, 4, 5, 6]
+    csv_a, csv_b = pd.read_csv(out / "full" / "metrics.csv"), pd.read_csv(again / "metrics.csv")
+    assert list(csv_b["step"]) == [1, 2, 3, 4, 5, 6] and list(csv_a.columns) == list(csv_b.columns)
+    stable = [c for c in csv_a.columns if not c.startswith(VOLATILE)]
+    pd.testing.assert_frame_equal(csv_a[stable], csv_b[stable])
+    raw = _raw_scalar_events(again / "tensorboard")
+    assert len(raw) == len(set(raw)), sorted(k for k in raw if raw.count(k) > 1)[:4]
+    assert sorted(raw) == sorted(_raw_scalar_events(out / "full" / "tensorboard"))
+    assert _scalars(again / "tensorboard") == _scalars(out / "full" / "tensorboard")
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from jobs.run.run_folder import before_first_write
+
 METRIC_PREFIX = "rayalign_"
 TAG_KEYS = ("run", "job_name")
 
@@ -25,9 +27,12 @@ TAG_KEYS = ("run", "job_name")
 class MetricsLogger:
     def __init__(self, folder: str | Path, tensorboard: bool = True, *, run: str | None = None,
                  job_name: str | None = None, export_to_ray: bool = True, resume_rows: list[dict] | None = None):
-        """A fresh run starts a new metrics file; a resumed one (``resume_rows``: the rows a checkpoint
-        kept) rewrites the file with exactly those rows, dropping rows logged after that checkpoint."""
+        """A fresh run starts new metrics files; a resumed one (``resume_rows``: the rows a checkpoint
+        kept) rewrites them with exactly those rows, dropping what was logged after that checkpoint: the
+        JSONL and CSV files, and TensorBoard's events, which are rebuilt from the rows (old event files
+        are removed; ``purge_step`` would only hide the dropped steps from readers that honour it)."""
         self.folder = Path(folder)
+        before_first_write(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.folder / "metrics.jsonl"
         self.csv_path = self.folder / "metrics.csv"
@@ -36,12 +41,18 @@ class MetricsLogger:
         for row in self.rows:
             self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        if self.csv_path.exists():  # a killed run's CSV (written on close) may hold later rows
+            self._write_csv(self.rows)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = self.rows[-1]["step"] + 1 if self.rows else None  # resumed: hide events past the checkpoint
-            self._tb = SummaryWriter(str(self.folder / "tensorboard"), purge_step=purge)
+            events = self.folder / "tensorboard"
+            for old in events.glob("events.out.tfevents.*") if events.is_dir() else ():
+                old.unlink()
+            self._tb = SummaryWriter(str(events))
+            for row in self.rows:
+                self._tb_scalars(row)
         self._tags = {"run": run or self.folder.name, "job_name": job_name or driver_name()}
         self._export_to_ray = export_to_ray
         self._ray: RayGaugeExporter | None = None
@@ -51,13 +62,19 @@ class MetricsLogger:
         self.rows.append(row)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+        self._tb_scalars(row)
         exporter = self._ray_exporter()
         if exporter is not None:
             exporter.set({k: v for k, v in row.items() if _is_finite_number(v)})
+
+    def _tb_scalars(self, row: dict) -> None:
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, row["step"])
+
+    def _write_csv(self, rows: list[dict]) -> None:
+        pd.DataFrame(rows).to_csv(self.csv_path, index=False)
 
     def close(self) -> None:
         if self._ray is not None:
@@ -67,7 +84,7 @@ class MetricsLogger:
             self._tb.close()
         if self.jsonl_path.exists():
             rows = [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line.strip()]
-            pd.DataFrame(rows).to_csv(self.csv_path, index=False)
+            self._write_csv(rows)
 
     def _ray_exporter(self) -> RayGaugeExporter | None:
         """Created on first use: drivers build the logger after (or without) connecting to Ray."""
