@@ -86,20 +86,24 @@ class ModelWorker:
         return out.logits
 
     @torch.no_grad()
-    def logprobs(self, batch: Batch, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
-        """Masked per-token log-probs [B, T-1], their sum and the response length per row."""
+    def logprobs(self, batch: Batch, micro_batch_size: int | None = None,
+                 temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        """Masked per-token log-probs [B, T-1] of logits / ``temperature`` (the rollout's sampling temperature),
+        their sum and the response length per row."""
         self.model.eval()
         start = time.perf_counter()
         rows_total, width = batch["input_ids"].shape
         token_logps = torch.zeros(rows_total, width - 1)
         for rows, cols, mb in micro_batches(batch, micro_batch_size or self.micro_batch_size):
-            out = sequence_logprobs(self._logits(mb), mb["input_ids"].to(self.device), mb["loss_mask"].to(self.device))
+            out = sequence_logprobs(self._logits(mb), mb["input_ids"].to(self.device), mb["loss_mask"].to(self.device),
+                                    temperature)
             token_logps[rows, cols.start:cols.stop - 1] = out.token_logps.cpu()
         mask = batch["loss_mask"][:, 1:].float()
         return {"token_logps": token_logps, "sum": token_logps.sum(-1), "length": mask.sum(-1),
                 "seconds": torch.tensor(time.perf_counter() - start)}
 
-    def reference_logprobs(self, batch: Batch, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    def reference_logprobs(self, batch: Batch, micro_batch_size: int | None = None,
+                           temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """``logprobs`` of the frozen base model (LoRA adapters disabled): a LoRA policy is its own reference.
 
         Disabled adapters leave exactly the base layers' computation, so these equal a separate
@@ -107,7 +111,7 @@ class ModelWorker:
         if not self.lora:
             raise RuntimeError("reference_logprobs needs a LoRA model (lora=...); use a ReferenceActor otherwise")
         with self.model.disable_adapter():
-            return self.logprobs(batch, micro_batch_size)
+            return self.logprobs(batch, micro_batch_size, temperature)
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the full weights under the base model's names (for pushing to generators or

@@ -33,8 +33,9 @@ class ShardedPolicyActor(ShardedMixin, PolicyActor):
         return logits.float().sum() * 0.0, {}
 
     @torch.no_grad()
-    def logprobs(self, batch, micro_batch_size: int | None = None) -> dict:
-        return self._rows_on_this_rank(super().logprobs, batch, micro_batch_size)
+    def logprobs(self, batch, micro_batch_size: int | None = None, temperature: float = 1.0) -> dict:
+        compute = super().logprobs
+        return self._rows_on_this_rank(lambda rows, micro: compute(rows, micro, temperature), batch, micro_batch_size)
 
     def named_weights(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0 (None on the others; the group returns rank 0's result)."""

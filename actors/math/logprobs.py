@@ -36,10 +36,19 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> SequenceLogprobs:
-    """Log-probs of ``input_ids[:, 1:]`` under ``logits[:, :-1]``, masked to the response tokens."""
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                      temperature: float = 1.0) -> SequenceLogprobs:
+    """Log-probs of ``input_ids[:, 1:]`` under ``logits[:, :-1] / temperature``, masked to the response tokens.
+
+    ``temperature`` is the sampling temperature the tokens were drawn at: a sampler at T draws from
+    softmax(logits / T), so that is the distribution whose log-probs a trainer's ratio and KL must use."""
+    if not temperature > 0:
+        raise ValueError(f"log-probs need a temperature > 0, got {temperature}")
     mask = loss_mask[:, 1:].to(torch.float32)
-    logps = token_logprobs(logits[:, :-1], input_ids[:, 1:]) * mask
+    shifted = logits[:, :-1]
+    if temperature != 1.0:
+        shifted = shifted.float() / temperature
+    logps = token_logprobs(shifted, input_ids[:, 1:]) * mask
     return SequenceLogprobs(token_logps=logps, mask=mask, sum=logps.sum(-1), length=mask.sum(-1))
 
 
