@@ -1,8 +1,11 @@
 """Generation workers: one interface, two backends (Hugging Face ``generate``, and vLLM in ``actors.vllm_backend``).
 
 A backend turns prompt token ids into ``Completion``s: response ids (ending at EOS when one was
-emitted), the log-prob of each sampled token under the model's raw distribution (temperature 1,
-before top-p/top-k: the numbers a trainer recomputes), and why it stopped.
+emitted), the log-prob of each sampled token under the distribution it was drawn from, and why it
+stopped. That distribution is softmax(logits / T) after any top-k / top-p truncation (the "processed"
+log-probs); for greedy decoding (T = 0), the model's temperature-1 distribution. Rollouts for training
+(T > 0, no truncation: see ``jobs.drivers.ppo_config.check_on_policy_sampling``) thus carry exactly the
+log-probs a trainer recomputes at the same temperature (``sequence_logprobs(..., temperature=T)``).
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def _cut_at_stop(tokens: list[int], stop_ids: set[int], pad_id: int) -> tuple[li
 
 
 class HFGenerationBackend:
-    """``model.generate`` in micro-batches; raw-logit log-probs gathered at the sampled tokens."""
+    """``model.generate`` in micro-batches; log-probs of the processed scores (what the sampler drew from)
+    gathered at the sampled tokens."""
 
     def __init__(self, model: str, dtype: str = "float32", micro_batch_size: int = 64):
         self.device = pick_device()
@@ -82,17 +86,19 @@ class HFGenerationBackend:
             chunk = rows[start:start + self.micro_batch_size]
             input_ids, attention_mask = left_pad([r[2] for r in chunk], pad_id)
             greedy = sampling.temperature == 0
+            # top_k=0 is passed as 0, not None: transformers fills an unset top_k with 50, which would
+            # truncate the sampler that the trainer scores as untruncated.
             out = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                 max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
                 temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-                top_k=None if greedy else (sampling.top_k or None), eos_token_id=sorted(stop_ids),
-                pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True,
+                top_k=None if greedy else sampling.top_k, eos_token_id=sorted(stop_ids),
+                pad_token_id=pad_id, return_dict_in_generate=True, output_scores=True,
             )
             new_tokens = out.sequences[:, input_ids.shape[1]:].cpu()
-            # out.logits: one [b, V] tensor per step, before any processor; gathered step by step
-            # so a [b, steps, V] copy is never built.
-            logps = torch.stack([token_logprobs(step.cpu(), new_tokens[:, s]) for s, step in enumerate(out.logits)], 1)
+            # out.scores: one [b, V] tensor per step, after the processors (logits / T, then top-k / top-p
+            # as -inf), i.e. the sampler's distribution; gathered step by step so no [b, steps, V] copy is built.
+            logps = torch.stack([token_logprobs(step.cpu(), new_tokens[:, s]) for s, step in enumerate(out.scores)], 1)
             for k, (i, j, prompt) in enumerate(chunk):
                 tokens, reason = _cut_at_stop(new_tokens[k].tolist(), stop_ids, pad_id)
                 completions.append(Completion(i, j, prompt, tokens, logps[k, : len(tokens)].tolist(), reason))

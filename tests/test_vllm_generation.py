@@ -75,10 +75,14 @@ def _prompts(tokenizer, texts):
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
-def _trainer_logprobs(policy, tokenizer, prompts, responses) -> list[torch.Tensor]:
-    """The policy actor's log-probs of each response token, one tensor per row."""
+def _trainer_logprobs(policy, tokenizer, prompts, responses, temperature: float = 1.0) -> list[torch.Tensor]:
+    """The policy actor's log-probs of each response token at ``temperature``, one tensor per row
+    (``policy``: a group, or an in-process actor)."""
     batch = collate_sequences(prompts, responses, tokenizer.pad_token_id)
-    token_logps = policy.run_one("logprobs", batch)["token_logps"]
+    if isinstance(policy, PolicyActor):
+        token_logps = policy.logprobs(batch, temperature=temperature)["token_logps"]
+    else:
+        token_logps = policy.run_one("logprobs", batch, temperature=temperature)["token_logps"]
     mask = batch["loss_mask"][:, 1:].bool()
     return [token_logps[i][mask[i]] for i in range(len(prompts))]
 
@@ -125,6 +129,25 @@ def test_hf_backend_teacher_forced_logprobs_equal_its_sampled_logprobs(tiny_toke
     assert _max_abs_diff(forced, [c.logprobs for c in samples]) < LOGPROB_TOL
 
 
+def test_hf_backend_logprobs_are_the_trainers_at_the_sampling_temperature(tiny_tokenizer):
+    """At T = 0.7 with top_k 0 and top_p 1 the HF sampler draws from softmax(logits / 0.7) over the whole
+    vocabulary, and the log-probs it returns are the trainer's at 0.7 (``logprobs(temperature=0.7)``, what PPO
+    uses as old log-probs), within LOGPROB_TOL (KV-cache decoding vs one forward pass, fp32). The temperature-1
+    values (what it returned before) are far off; so would be log-probs renormalised over the 50 tokens an
+    unset top_k used to leave (about −log 50 instead of about −log 49152)."""
+    from actors.generation import HFGenerationBackend
+    from actors.models import resolve_model_path
+
+    backend = HFGenerationBackend(resolve_model_path("tiny"), micro_batch_size=4)
+    policy = PolicyActor("tiny", torch_threads=1)
+    prompts = _prompts(tiny_tokenizer, ["The film was", "I watched it and", "Once upon a time"])
+    samples = backend.generate(prompts, SamplingConfig(n=2, temperature=0.7, max_new_tokens=6, seed=1))
+    args = (policy, tiny_tokenizer, [c.prompt_ids for c in samples], [c.response_ids for c in samples])
+    generated = [c.logprobs for c in samples]
+    assert _max_abs_diff(generated, _trainer_logprobs(*args, temperature=0.7)) < LOGPROB_TOL
+    assert _mean_abs_diff(generated, _trainer_logprobs(*args, temperature=1.0)) > STALE_MIN_DIFF
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
@@ -166,8 +189,8 @@ class TestVLLMGenerators:
         # Samples of one prompt are distinct draws, not copies.
         assert len({tuple(c.response_ids) for c in first if c.prompt_index == 0}) == 4
 
-    def test_top_k_and_greedy_are_applied_but_logprobs_stay_raw(self, fleet, tokenizer):
-        generator = fleet["generators"].actors[0]
+    def test_top_k_and_greedy_are_applied_and_logprobs_are_the_sampled_distributions(self, fleet, tokenizer):
+        generator, policy = fleet["generators"].actors[0], fleet["policy"]
         prompts = _prompts(tokenizer, ["The acting in this", "Honestly, the plot"])
         greedy = ray.get(generator.generate.remote(prompts, SamplingConfig(n=2, temperature=0.0, max_new_tokens=6)))
         top1 = ray.get(generator.generate.remote(prompts, SamplingConfig(n=1, temperature=1.5, top_k=1, max_new_tokens=6,
@@ -175,10 +198,23 @@ class TestVLLMGenerators:
         greedy, top1 = greedy["completions"], top1["completions"]
         assert greedy[0].response_ids == greedy[1].response_ids
         assert [c.response_ids for c in top1] == [greedy[0].response_ids, greedy[2].response_ids]
-        # With top_k=1 the processed distribution is a point mass (log-prob 0); raw log-probs are the
-        # model's temperature-1 values, which a near-uniform random model puts near -log(49152).
-        assert all(lp < -5 for c in top1 for lp in c.logprobs)
-        assert top1[0].logprobs == pytest.approx(greedy[0].logprobs, abs=1e-5)
+        # top_k=1 samples from a point mass: log-prob 0 (log_softmax of one finite logit is x − x).
+        assert all(abs(lp) < 1e-6 for c in top1 for lp in c.logprobs)
+        # Greedy decoding has no temperature: its log-probs are the model's temperature-1 ones.
+        trainer = _trainer_logprobs(policy, tokenizer, [c.prompt_ids for c in greedy], [c.response_ids for c in greedy])
+        assert _max_abs_diff([c.logprobs for c in greedy], trainer) < LOGPROB_TOL
+
+    def test_logprobs_at_a_temperature_are_the_trainers_at_that_temperature(self, fleet, tokenizer):
+        """vLLM's processed log-probs at T = 0.7 are log_softmax(logits / 0.7), what the trainer computes for
+        PPO's ratio and KL at that rollout temperature; the temperature-1 values are far off."""
+        generator, policy = fleet["generators"].actors[0], fleet["policy"]
+        prompts = _prompts(tokenizer, ["The film was", "I watched it and", "Once upon a time"])
+        samples = ray.get(generator.generate.remote(prompts, SamplingConfig(n=2, temperature=0.7, max_new_tokens=8,
+                                                                            seed=2)))["completions"]
+        args = (policy, tokenizer, [c.prompt_ids for c in samples], [c.response_ids for c in samples])
+        generated = [c.logprobs for c in samples]
+        assert _max_abs_diff(generated, _trainer_logprobs(*args, temperature=0.7)) < LOGPROB_TOL
+        assert _mean_abs_diff(generated, _trainer_logprobs(*args, temperature=1.0)) > STALE_MIN_DIFF
 
     def test_generation_scales_out_in_prompt_order(self, fleet, tokenizer):
         group = fleet["generators"]
