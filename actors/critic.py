@@ -12,6 +12,7 @@ import torch
 from actors.math.batch import Batch, micro_batches, slice_batch
 from actors.optim import OptimizerConfig, TrainableMixin
 from actors.math.ppo_math import explained_variance, value_loss
+from actors.ppo_update import PPOUpdateConfig
 from actors.runtime import configure_threads, describe_actor, pick_device, quiet_transformers, seed_everything
 from actors.value_model import ScalarHeadModel
 
@@ -56,15 +57,17 @@ class CriticActor(TrainableMixin):
             values[rows, cols.start:cols.stop - 1] = self._values(mb).cpu()
         return {"values": values, "seconds": torch.tensor(time.perf_counter() - start)}
 
-    def train_value(self, batch: Batch, old_values: torch.Tensor, returns: torch.Tensor, ppo: dict) -> dict[str, float]:
-        """Clipped value-loss updates over the same epochs/minibatches as the policy."""
+    def train_value(self, batch: Batch, old_values: torch.Tensor, returns: torch.Tensor,
+                    ppo: PPOUpdateConfig | dict) -> dict[str, float]:
+        """Clipped value-loss updates over the same epochs/minibatches as the policy (``ppo.value_clip``,
+        the loss scaled by ``ppo.vf_coef``). A dict is read as ``PPOUpdateConfig(**ppo)``."""
+        ppo = PPOUpdateConfig.coerce(ppo)
         start_all = time.perf_counter()
         rows = batch["input_ids"].shape[0]
-        minibatch = ppo.get("minibatch_size", rows)
-        micro = ppo.get("micro_batch_size", self.micro_batch_size)
-        generator = torch.Generator().manual_seed(int(ppo.get("seed", 0)) + 7919 + self.global_step)
+        minibatch, micro = ppo.minibatch_size, ppo.micro_batch_size
+        generator = torch.Generator().manual_seed(ppo.seed + 7919 + self.global_step)
         history = []
-        for epoch in range(int(ppo.get("epochs", 1))):
+        for epoch in range(ppo.epochs):
             order = torch.arange(rows) if epoch == 0 else torch.randperm(rows, generator=generator)
             for start in range(0, rows, minibatch):
                 index = order[start:start + minibatch]
@@ -84,9 +87,9 @@ class CriticActor(TrainableMixin):
         values = self._values(mb)
         mask = mb["loss_mask"][:, 1:].to(values.device).float()
         loss, clipfrac = value_loss(values, old_values[index][:, token_cols].to(values.device),
-                                    returns[index][:, token_cols].to(values.device), mask, ppo.get("value_clip", 0.2))
-        loss = ppo.get("vf_coef", 1.0) * loss
-        return loss, {"critic/vf_loss": float(loss.detach()), "critic/vf_clipfrac": float(clipfrac),
+                                    returns[index][:, token_cols].to(values.device), mask, ppo.value_clip)
+        # critic/vf_loss is the value loss itself; the optimizer sees it scaled by vf_coef
+        return ppo.vf_coef * loss, {"critic/vf_loss": float(loss.detach()), "critic/vf_clipfrac": float(clipfrac),
                       "tokens": float(mb["attention_mask"].sum())}
 
     def save(self, path: str) -> str:

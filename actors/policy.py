@@ -12,6 +12,7 @@ from actors.math.dpo_losses import preference_loss
 from actors.math.logprobs import sequence_logprobs
 from actors.optim import OptimizerConfig, TrainableMixin
 from actors.math.ppo_math import entropy_from_logits, kl_estimate, masked_mean, policy_loss
+from actors.ppo_update import PPOUpdateConfig
 from actors.worker import ModelWorker
 
 
@@ -115,23 +116,24 @@ class PolicyActor(TrainableMixin, ModelWorker):
         return self._reduce_sums(sums)
 
     # -- PPO --------------------------------------------------------------------------------------
-    def train_ppo(self, batch: Batch, old_logprobs: torch.Tensor, advantages: torch.Tensor, ppo: dict,
-                  ref_logprobs: torch.Tensor | None = None) -> dict[str, float]:
+    def train_ppo(self, batch: Batch, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                  ppo: PPOUpdateConfig | dict, ref_logprobs: torch.Tensor | None = None) -> dict[str, float]:
         """Several epochs of clipped-surrogate updates over minibatches of one rollout.
 
-        ``old_logprobs`` / ``advantages`` are [B, T-1] in the shifted layout. Epoch 0 walks the rollout
-        in order, in micro-batches of the size the rollout log-probs were computed with, so its first
-        minibatch reproduces those log-probs exactly (ratio 1); later epochs are shuffled (seeded).
-        With ``ppo['kl_in_loss_coef'] > 0`` the KL to ``ref_logprobs`` is a loss term instead of a reward.
+        ``old_logprobs`` / ``advantages`` are [B, T-1] in the shifted layout, the log-probs at
+        ``ppo.temperature`` (the rollout's). Epoch 0 walks the rollout in order, in micro-batches of the size
+        the rollout log-probs were computed with, so its first minibatch reproduces those log-probs exactly
+        (ratio 1); later epochs are shuffled (seeded). With ``ppo.kl_in_loss_coef > 0`` the KL to ``ref_logprobs``
+        (same temperature) is a loss term instead of a reward. A dict is read as ``PPOUpdateConfig(**ppo)``.
         """
+        ppo = PPOUpdateConfig.coerce(ppo)
         start_all = time.perf_counter()
         rows = batch["input_ids"].shape[0]
-        minibatch = ppo.get("minibatch_size", rows)
-        micro = ppo.get("micro_batch_size", self.micro_batch_size)
-        generator = torch.Generator().manual_seed(int(ppo.get("seed", 0)) + self.global_step)
+        minibatch, micro = ppo.minibatch_size, ppo.micro_batch_size
+        generator = torch.Generator().manual_seed(ppo.seed + self.global_step)
         history: list[dict[str, float]] = []
         first_ratio_dev = None
-        for epoch in range(int(ppo.get("epochs", 1))):
+        for epoch in range(ppo.epochs):
             order = torch.arange(rows) if epoch == 0 else torch.randperm(rows, generator=generator)
             for start in range(0, rows, minibatch):
                 index = order[start:start + minibatch]
@@ -155,22 +157,28 @@ class PolicyActor(TrainableMixin, ModelWorker):
         mean["timing_s/total"] = time.perf_counter() - start_all
         return mean
 
-    def _ppo_forward(self, batch: Batch, index: torch.Tensor, old_logprobs, advantages, ref_logprobs, ppo: dict):
+    def _ppo_forward(self, batch: Batch, index: torch.Tensor, old_logprobs, advantages, ref_logprobs,
+                     ppo: PPOUpdateConfig):
         cols, mb = slice_batch(batch, index)
         token_cols = slice(cols.start, cols.stop - 1)
         logits = self._logits(mb)
-        out = sequence_logprobs(logits, mb["input_ids"].to(self.device), mb["loss_mask"].to(self.device))
+        out = sequence_logprobs(logits, mb["input_ids"].to(self.device), mb["loss_mask"].to(self.device),
+                                ppo.temperature)
         old = old_logprobs[index][:, token_cols].to(out.token_logps.device)
         adv = advantages[index][:, token_cols].to(out.token_logps.device)
-        pg_loss, clipfrac, approx_kl = policy_loss(out.token_logps, old, adv, out.mask, ppo.get("clip_eps", 0.2),
-                                                   ppo.get("clip_eps_high"))
-        entropy = masked_mean(entropy_from_logits(logits[:, :-1]), out.mask)
-        loss = pg_loss - ppo.get("entropy_coef", 0.0) * entropy
-        kl_coef = ppo.get("kl_in_loss_coef", 0.0)
+        pg_loss, clipfrac, approx_kl = policy_loss(out.token_logps, old, adv, out.mask, ppo.clip_eps,
+                                                   ppo.clip_eps_high)
+        # the entropy of the distribution the rollout was sampled from (logits / T)
+        scaled = logits[:, :-1] if ppo.temperature == 1.0 else logits[:, :-1].float() / ppo.temperature
+        entropy = masked_mean(entropy_from_logits(scaled), out.mask)
+        loss = pg_loss - ppo.entropy_coef * entropy
+        kl_coef = ppo.kl_in_loss_coef
         kl_term = torch.zeros(())
-        if kl_coef and ref_logprobs is not None:
+        if kl_coef:
+            if ref_logprobs is None:
+                raise ValueError("train_ppo: kl_in_loss_coef > 0 needs the reference's log-probs (ref_logprobs)")
             ref = ref_logprobs[index][:, token_cols].to(out.token_logps.device)
-            kl_term = masked_mean(kl_estimate(out.token_logps, ref, ppo.get("kl_estimator", "k3")), out.mask)
+            kl_term = masked_mean(kl_estimate(out.token_logps, ref, ppo.kl_estimator), out.mask)
             loss = loss + kl_coef * kl_term
         ratio_dev = ((out.token_logps.detach() - old).exp() - 1).abs() * out.mask
         return loss, {"actor/pg_loss": float(pg_loss.detach()), "actor/pg_clipfrac": float(clipfrac),

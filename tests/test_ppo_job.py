@@ -44,7 +44,10 @@ def test_ppo_raises_the_programmatic_reward(ppo_run):
 
 @pytest.mark.slow
 def test_first_minibatch_ratio_is_exactly_one_and_generator_agrees(ppo_run):
-    _, _, rows, _ = ppo_run
+    """At the preset's rollout temperature (0.1, not 1): the generator's log-probs of its samples are the
+    trainer's old log-probs at that temperature, and the update scores at it too (ratio exactly 1)."""
+    config, _, rows, _ = ppo_run
+    assert config.rollout.temperature != 1.0
     assert all(r["actor/ratio_max_dev_first_minibatch"] == 0.0 for r in rows)
     assert all(r["rollout/logprob_diff"] < 1e-4 for r in rows)
 
@@ -89,9 +92,9 @@ def test_in_loss_kl_uses_the_adaptive_controllers_coefficient_each_step():
     config = build_config(PPOConfig, "ppo_tiny", ["kl.in_loss=true", "kl.adaptive=true", "kl.coef=0.2",
                                                   "kl.target=1.0", "kl.horizon=64"])
     ctl = AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon)
-    assert step_ppo_args({"clip_eps": 0.2}, config, ctl)["kl_in_loss_coef"] == 0.2
+    assert step_ppo_args(config, ctl).kl_in_loss_coef == 0.2
     ctl.update(3.0, 64)
-    args = step_ppo_args({"clip_eps": 0.2}, config, ctl)
-    assert args["kl_in_loss_coef"] == 0.2 * (1.0 + 0.2 * 64 / 64) and args["clip_eps"] == 0.2
+    args = step_ppo_args(config, ctl)
+    assert args.kl_in_loss_coef == 0.2 * (1.0 + 0.2 * 64 / 64) and args.clip_eps == config.ppo.clip_eps
     off = build_config(PPOConfig, "ppo_tiny", ["kl.adaptive=true", "kl.target=1.0", "kl.horizon=64"])
-    assert step_ppo_args({}, off, ctl)["kl_in_loss_coef"] == 0.0  # KL in the reward, not the loss
+    assert step_ppo_args(off, ctl).kl_in_loss_coef == 0.0  # KL in the reward, not the loss

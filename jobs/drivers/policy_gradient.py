@@ -28,13 +28,14 @@ from actors.math.ppo_math import kl_estimate, masked_mean
 from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig
 from actors.policy import PolicyActor
+from actors.ppo_update import PPOUpdateConfig
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
 from actors.runtime import rng_state, set_rng_state
 from actors.sampling import SamplingConfig
 from jobs.data.source import DataConfig, load_prompt_splits
 from jobs.drivers.ppo import Fleet, evaluate, make_rollout
-from jobs.drivers.ppo_config import RewardConfig
+from jobs.drivers.ppo_config import RewardConfig, check_on_policy_sampling, check_update
 from jobs.run.batching import TokenizeConfig, encode_prompt
 from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
 from jobs.run.cluster import init_ray, role_resources
@@ -47,12 +48,20 @@ from jobs.run.sampler import ShuffledBatches
 KL_IN_LOSS = {"grpo": True, "dr_grpo": True, "rloo": False, "reinforce_pp": False}
 
 
+U = PPOUpdateConfig  # the update knobs' one default each lives there (meanings too)
+
+
 @dataclass
 class UpdateConfig:
+    """The policy update's knobs (actors.ppo_update.PPOUpdateConfig) and REINFORCE++'s γ. The first three
+    are this method's own defaults, not PPO's: one optimizer step on the whole rollout (GRPO's μ = 1)."""
     epochs: int = 1                    # GRPO's μ; 1 = on-policy (the ratio is then 1 on the first minibatch)
     minibatch_size: int = 16
     micro_batch_size: int = 16
-    clip_eps: float = 0.2
+    clip_eps: float = U.clip_eps
+    clip_eps_high: float | None = U.clip_eps_high  # asymmetric upper clip (DAPO's clip-higher); null: clip_eps
+    entropy_coef: float = U.entropy_coef
+    kl_estimator: str = U.kl_estimator  # the in-loss KL's estimator (grpo, dr_grpo); k3 as DeepSeekMath
     gamma: float = 1.0                 # REINFORCE++ return discount
 
 
@@ -65,7 +74,7 @@ class PolicyGradientConfig:
     reference_model: str | None = None
     advantage: str = "grpo"            # rloo | grpo | dr_grpo | reinforce_pp
     samples_per_prompt: int = 4        # k; the group estimators need k >= 2
-    kl_coef: float = 0.05              # β: in the loss (k3) for grpo/dr_grpo, in the reward (k1) otherwise
+    kl_coef: float = 0.05              # β: in the loss (update.kl_estimator) for grpo/dr_grpo, in the reward (k1) otherwise
     data: DataConfig = field(default_factory=DataConfig)
     tokenize: TokenizeConfig = field(default_factory=lambda: TokenizeConfig(max_prompt_length=64, max_length=128))
     rollout: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48))
@@ -101,14 +110,14 @@ class PolicyGradientConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         u = self.update
-        for key in ("epochs", "minibatch_size", "micro_batch_size"):
-            if getattr(u, key) < 1:
-                raise ConfigError(f"update.{key} must be >= 1, got {getattr(u, key)}")
-        if u.minibatch_size % u.micro_batch_size:
-            raise ConfigError(f"update.minibatch_size ({u.minibatch_size}) must be a multiple of "
-                              f"update.micro_batch_size ({u.micro_batch_size})")
-        if not 0 < u.clip_eps < 1:
-            raise ConfigError(f"update.clip_eps must be in (0, 1), got {u.clip_eps}")
+        self.rollout.validate("rollout")
+        check_on_policy_sampling("rollout", self.rollout)
+        check_update(self.update_config(), {**{f.name: f"update.{f.name}" for f in dataclasses.fields(u)},
+                                            "kl_in_loss_coef": "kl_coef", "temperature": "rollout.temperature",
+                                            "seed": "seed"})
+        if u.kl_estimator != U.kl_estimator and not KL_IN_LOSS[self.advantage]:
+            raise ConfigError(f"update.kl_estimator is the in-loss KL's; advantage={self.advantage} puts the KL "
+                              f"in the reward (k1): drop it")
         if not 0 <= u.gamma <= 1:
             raise ConfigError(f"update.gamma must be in [0, 1], got {u.gamma}")
         if self.generation_backend not in GENERATION_BACKENDS:
@@ -128,8 +137,15 @@ class PolicyGradientConfig:
         self.faults.validate()
         self.data.validate()
         self.tokenize.validate()
-        self.rollout.validate("rollout")
         self.optimizer.validate("optimizer")
+
+    def update_config(self) -> PPOUpdateConfig:
+        """What the policy's ``train_ppo`` receives: the update's knobs, the KL in the loss for the estimators
+        that put it there (KL_IN_LOSS), log-probs at ``rollout.temperature``."""
+        shared = {f.name: getattr(self.update, f.name) for f in dataclasses.fields(PPOUpdateConfig)
+                  if hasattr(self.update, f.name)}
+        return PPOUpdateConfig(**shared, kl_in_loss_coef=self.kl_coef if KL_IN_LOSS[self.advantage] else 0.0,
+                               temperature=self.rollout.temperature, seed=self.seed)
 
 
 def build_fleet(config: PolicyGradientConfig) -> Fleet:
@@ -210,8 +226,7 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
     fleet = build_fleet(config)
     try:
         kl_in_loss = KL_IN_LOSS[config.advantage]
-        update_args = {**dataclasses.asdict(config.update), "seed": config.seed, "kl_estimator": "k3",
-                       "kl_in_loss_coef": config.kl_coef if kl_in_loss else 0.0}
+        update = config.update_config()
         prompt_batches = ShuffledBatches(len(train_ids), config.prompts_per_step, config.seed)
         guard = NonFiniteGuard(config.faults.max_nonfinite_in_row)
         writer = CheckpointWriter(out, config.checkpoint.keep, config)
@@ -250,7 +265,9 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
             mask = rollout.mask
 
             t0 = time.perf_counter()
-            refs = [fleet.policy.submit("logprobs", rollout.batch), fleet.reference_logprobs(rollout.batch),
+            # log-probs at the rollout temperature: the distribution the generators sampled from
+            refs = [fleet.policy.submit("logprobs", rollout.batch, temperature=sampling.temperature),
+                    fleet.reference_logprobs(rollout.batch, sampling.temperature),
                     fleet.reward.submit("score", [c.prompt_ids for c in completions],
                                           [c.response_ids for c in completions])]
             policy_lp, reference_lp, reward = fleet.policy.get(refs, "score rollout")
@@ -269,7 +286,7 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
             seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
 
             t0 = time.perf_counter()
-            actor = fleet.policy.run_one("train_ppo", rollout.batch, old_logprobs, advantages, update_args,
+            actor = fleet.policy.run_one("train_ppo", rollout.batch, old_logprobs, advantages, update,
                                          ref_logprobs if kl_in_loss else None)
             timing["update_actor"] = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from actors.math.ppo_math import (AdaptiveKLController, FixedKLController, gae_a
                                   kl_penalized_rewards, masked_mean, masked_whiten)
 from actors.models import load_tokenizer
 from actors.policy import PolicyActor
+from actors.ppo_update import PPOUpdateConfig
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
 from actors.runtime import rng_state, set_rng_state
@@ -57,12 +58,12 @@ class Fleet:
     judge: ActorGroup | None
     adapter_sync: bool = False  # LoRA policy and LoRA-enabled vLLM generators: push only the adapters
 
-    def reference_logprobs(self, batch):
-        """An ObjectRef to the reference's log-probs of ``batch``: the ReferenceActor's, or with LoRA the
-        policy's own base model (``PolicyActor.reference_logprobs``)."""
+    def reference_logprobs(self, batch, temperature: float = 1.0):
+        """An ObjectRef to the reference's log-probs of ``batch`` at ``temperature``: the ReferenceActor's, or
+        with LoRA the policy's own base model (``PolicyActor.reference_logprobs``)."""
         if self.reference is None:
-            return self.policy.submit("reference_logprobs", batch)
-        return self.reference.submit("logprobs", batch)
+            return self.policy.submit("reference_logprobs", batch, temperature=temperature)
+        return self.reference.submit("logprobs", batch, temperature=temperature)
 
     def push_weights(self, version: int) -> None:
         """Policy -> object store -> generators, without a stop in the driver: the LoRA adapters alone
@@ -162,8 +163,9 @@ def evaluate(fleet: Fleet, prompts: list[list[int]], config: PPOConfig, pad_id: 
     sampling = dataclasses.replace(config.rollout, n=config.eval_samples_per_prompt, seed=config.seed + 10_000)
     completions = generate_sharded(fleet.generators, prompts, sampling)
     rollout = make_rollout(completions, pad_id)
-    pol_ref = fleet.policy.submit("logprobs", rollout.batch)
-    ref_ref = fleet.reference_logprobs(rollout.batch)
+    # both at the temperature the samples were drawn at, so the sequence KL is one between those distributions
+    pol_ref = fleet.policy.submit("logprobs", rollout.batch, temperature=sampling.temperature)
+    ref_ref = fleet.reference_logprobs(rollout.batch, sampling.temperature)
     prompt_ids, response_ids = [c.prompt_ids for c in completions], [c.response_ids for c in completions]
     judge = fleet.judge or fleet.reward
     gold = judge.run_one("score", prompt_ids, response_ids)["scores"]
@@ -219,10 +221,10 @@ def restore_checkpoint(fleet: Fleet, folder: Path, step: int) -> None:
     fleet.push_weights(step)
 
 
-def step_ppo_args(ppo_args: dict, config: PPOConfig, kl_ctl) -> dict:
-    """This step's policy hyper-parameters: with ``kl.in_loss`` the in-loss KL coefficient is the
-    controller's current value (adaptive or fixed), read afresh each step, not the initial ``kl.coef``."""
-    return {**ppo_args, "kl_in_loss_coef": kl_ctl.value if config.kl.in_loss else 0.0}
+def step_ppo_args(config: PPOConfig, kl_ctl) -> PPOUpdateConfig:
+    """This step's update hyper-parameters (the policy's and the critic's): with ``kl.in_loss`` the in-loss KL
+    coefficient is the controller's current value (adaptive or fixed), read afresh each step, not ``kl.coef``."""
+    return config.update_config(kl_ctl.value)
 
 
 def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_from: Path | None, recoveries: int,
@@ -231,7 +233,6 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
     fleet = build_fleet(config)
     try:
         hp = config.ppo
-        ppo_args = {**dataclasses.asdict(hp), "seed": config.seed}
         kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
                   else FixedKLController(config.kl.coef))
         prompt_batches = ShuffledBatches(len(train_ids), config.prompts_per_step, config.seed)
@@ -273,8 +274,9 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
 
             # The four scoring passes run on four actors at once.
             t0 = time.perf_counter()
-            refs = {"policy": fleet.policy.submit("logprobs", rollout.batch),
-                    "reference": fleet.reference_logprobs(rollout.batch),
+            # log-probs at the rollout temperature: the distribution the generators sampled from
+            refs = {"policy": fleet.policy.submit("logprobs", rollout.batch, temperature=sampling.temperature),
+                    "reference": fleet.reference_logprobs(rollout.batch, sampling.temperature),
                     "reward": fleet.reward.submit("score", prompt_ids, response_ids),
                     "critic": fleet.critic.submit("values", rollout.batch)}
             results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
@@ -305,10 +307,10 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
             timing["advantages"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            actor_ref = fleet.policy.submit("train_ppo", rollout.batch, old_logprobs, advantages,
-                                              step_ppo_args(ppo_args, config, kl_ctl),
+            update = step_ppo_args(config, kl_ctl)
+            actor_ref = fleet.policy.submit("train_ppo", rollout.batch, old_logprobs, advantages, update,
                                               ref_logprobs if config.kl.in_loss else None)
-            critic_ref = fleet.critic.submit("train_value", rollout.batch, values, returns, ppo_args)
+            critic_ref = fleet.critic.submit("train_value", rollout.batch, values, returns, update)
             actor_metrics, critic_metrics = fleet.policy.get([actor_ref, critic_ref], "train")
             timing["update"] = time.perf_counter() - t0  # wall time; policy and critic train concurrently
             timing["update_actor"] = actor_metrics["timing_s/total"]

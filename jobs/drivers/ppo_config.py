@@ -6,11 +6,13 @@ Kept apart from the training loop (:mod:`jobs.drivers.ppo`) so the config can be
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors.generation import GENERATION_BACKENDS
 from actors.optim import OptimizerConfig
+from actors.ppo_update import PPOUpdateConfig
 from actors.sampling import SamplingConfig
 from jobs.data.source import DataConfig
 from jobs.run.batching import TokenizeConfig
@@ -21,6 +23,7 @@ from jobs.run.faults import FaultConfig
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+U = PPOUpdateConfig  # the update knobs' one default each lives there; the sections below only expose them
 
 
 @dataclass
@@ -39,18 +42,25 @@ class KLConfig:
     adaptive: bool = False             # Ziegler et al.'s proportional controller
     target: float = 6.0                # target sequence KL (nats) for the adaptive controller
     horizon: int = 10000
-    in_loss: bool = False              # put the KL (k3) in the policy loss instead of the reward
+    in_loss: bool = False              # put the KL in the policy loss (coefficient coef, fixed or adaptive) instead of the reward
+    loss_estimator: str = U.kl_estimator  # per-token estimator of the in-loss KL (k1 | k2 | k3)
 
 
 @dataclass
 class PPOHyper:
-    epochs: int = 4
-    minibatch_size: int = 8            # sequences per optimizer step
-    micro_batch_size: int = 8          # sequences per forward pass
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
+    """The update's knobs (meanings and defaults: actors.ppo_update.PPOUpdateConfig) and the driver's own."""
+    epochs: int = U.epochs
+    minibatch_size: int = U.minibatch_size      # sequences per optimizer step
+    micro_batch_size: int = U.micro_batch_size  # sequences per forward pass
+    clip_eps: float = U.clip_eps
+    clip_eps_high: float | None = U.clip_eps_high  # asymmetric upper clip (DAPO's clip-higher); null: clip_eps
+    value_clip: float | None = U.value_clip     # null: unclipped value loss
+    # Scales the critic's loss only. The critic is a separate model with its own optimizer, so under AdamW this
+    # is not a learning rate (Adam divides the scale out): it only moves where critic_optimizer.max_grad_norm
+    # clips (at a raw gradient norm of max_grad_norm / vf_coef) and the weight of AdamW's eps. Use
+    # critic_optimizer.lr to make the critic learn faster or slower.
+    vf_coef: float = U.vf_coef
+    entropy_coef: float = U.entropy_coef        # entropy bonus on the policy loss (at rollout.temperature)
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -115,14 +125,15 @@ class PPOConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         hp = self.ppo
-        for key in ("epochs", "minibatch_size", "micro_batch_size"):
-            if getattr(hp, key) < 1:
-                raise ConfigError(f"ppo.{key} must be >= 1, got {getattr(hp, key)}")
-        if hp.minibatch_size % hp.micro_batch_size:
-            raise ConfigError(f"ppo.minibatch_size ({hp.minibatch_size}) must be a multiple of ppo.micro_batch_size "
-                              f"({hp.micro_batch_size})")
-        if not 0 < hp.clip_eps < 1:
-            raise ConfigError(f"ppo.clip_eps must be in (0, 1), got {hp.clip_eps}")
+        check_on_policy_sampling("rollout", self.rollout)
+        check_update(self.update_config(), {**{f.name: f"ppo.{f.name}" for f in dataclasses.fields(hp)},
+                                            "kl_in_loss_coef": "kl.coef", "kl_estimator": "kl.loss_estimator",
+                                            "temperature": "rollout.temperature", "seed": "seed"})
+        # each estimator reaches the code only where the KL is: a non-default one elsewhere would do nothing
+        if self.kl.loss_estimator != U.kl_estimator and not self.kl.in_loss:
+            raise ConfigError("kl.loss_estimator applies to the in-loss KL only: set kl.in_loss=true or drop it")
+        if self.kl.estimator != KLConfig.estimator and self.kl.in_loss:
+            raise ConfigError("kl.estimator is the reward penalty's; with kl.in_loss=true set kl.loss_estimator")
         if not (0 <= hp.gamma <= 1 and 0 <= hp.lam <= 1):
             raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {hp.gamma}, {hp.lam}")
         if self.generation_backend not in GENERATION_BACKENDS:
@@ -137,3 +148,39 @@ class PPOConfig:
         if self.policy.lora and self.reference_model not in (None, self.model):
             raise ConfigError(f"reference_model: with policy.lora the reference is the policy's own base model "
                               f"(adapters disabled), so it cannot be {self.reference_model!r}; drop reference_model")
+
+    def update_config(self, kl_coef: float | None = None) -> PPOUpdateConfig:
+        """What the policy's ``train_ppo`` and the critic's ``train_value`` receive: every knob of the update,
+        from the section that exposes it. ``kl_coef``: the KL controller's current β (default ``kl.coef``),
+        which enters the loss only with ``kl.in_loss``; the log-probs are at ``rollout.temperature``."""
+        shared = {f.name: getattr(self.ppo, f.name) for f in dataclasses.fields(PPOUpdateConfig)
+                  if hasattr(self.ppo, f.name)}
+        coef = self.kl.coef if kl_coef is None else kl_coef
+        return PPOUpdateConfig(**shared, kl_in_loss_coef=coef if self.kl.in_loss else 0.0,
+                               kl_estimator=self.kl.loss_estimator, temperature=self.rollout.temperature,
+                               seed=self.seed)
+
+
+def check_update(update: PPOUpdateConfig, keys: dict[str, str]) -> None:
+    """The update's knobs checked once (PPOUpdateConfig.validate), errors naming the user's keys."""
+    try:
+        update.validate(keys)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if update.minibatch_size % update.micro_batch_size:
+        raise ConfigError(f"{keys['minibatch_size']} ({update.minibatch_size}) must be a multiple of "
+                          f"{keys['micro_batch_size']} ({update.micro_batch_size})")
+
+
+def check_on_policy_sampling(key: str, sampling: SamplingConfig) -> None:
+    """Rollouts that a trainer scores as its own samples. The trainer's log-probs (old and new policy, the
+    reference's for the KL) are of the whole distribution softmax(logits / T) at the rollout temperature T,
+    so the sampler must draw from exactly that: T > 0 and no top-k / top-p truncation."""
+    if sampling.temperature <= 0:
+        raise ConfigError(f"{key}.temperature must be > 0 for rollouts (got {sampling.temperature}): greedy decoding "
+                          f"has no sampling distribution for PPO's ratio and KL; use a low temperature instead")
+    for name, off, value in (("top_k", 0, sampling.top_k), ("top_p", 1.0, sampling.top_p)):
+        if value != off:
+            raise ConfigError(f"{key}.{name} must be {off} for rollouts (got {value}): the trainer scores the "
+                              f"untruncated distribution at {key}.temperature, so truncated sampling is off-policy; "
+                              f"lower {key}.temperature to sharpen sampling instead")
