@@ -61,7 +61,8 @@ def test_online_dpo_gt_raises_the_held_out_gold_reward(ray_cluster, tmp_path):
     rows = [r for r in _rows(tmp_path / "online_dpo_tiny", volatile=True) if r["step"] > 0]
     assert summary["roles"] == ["generator", "judge", "policy", "reference", "reward"]  # no critic
     start, end = summary["start"]["eval/gold_reward_mean"], summary["end"]["eval/gold_reward_mean"]
-    # measured here (twice, identical: seeded): see README; the bound leaves room on both sides
+    # measured here (twice, identical: seeded): held-out gold reward 0.145 -> 0.426 in 8 rounds (KL 7.5 nats);
+    # 0.25 leaves room on both sides
     assert start < 0.25 < end, (start, end)
     assert summary["tokens_generated"] > 0 and summary["tokens_trained"] > 0 and summary["pairs"] > 0
     assert Path(summary["checkpoint"], "model.safetensors").exists()

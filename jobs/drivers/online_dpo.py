@@ -133,7 +133,6 @@ def train(config: OnlineDPOConfig) -> dict:
     """Run online DPO end to end (resuming and recovering from dead actors as configured); returns the summary
     written to ``summary.json``."""
     out = Path(config.output_dir) / config.run_name
-    save_config(config, out)
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id
     train_prompts, eval_prompts, report = load_prompt_splits(config.data, config.seed)
@@ -144,6 +143,7 @@ def train(config: OnlineDPOConfig) -> dict:
         raise ConfigError(f"data.train: no prompts in {config.data.train!r}")
     print(f"[data] {len(train_ids)} train / {len(eval_ids)} eval prompts; {json.dumps(report)}")
     resume_from = resolve_resume(out, config.checkpoint.resume)
+    save_config(config, out)  # the first write, once config and data are checked: a failed start writes nothing
     init_ray(config.address, namespace=f"rayalign-{config.run_name}")
     faults = FaultInjector(config.faults)
     return run_with_recovery(
