@@ -31,9 +31,12 @@ def test_grpo_raises_the_programmatic_reward_without_a_critic(ray_cluster, tmp_p
     summary = train(_config(tmp_path))
     rows = [r for r in _rows(tmp_path / "policy_gradient_tiny") if r["step"] > 0]
     assert summary["roles"] == ["generator", "judge", "policy", "reference", "reward"]
-    # measured here: held-out gold reward 0.08 -> 0.38 in 12 steps; 0.15 is far above the untrained ~8% rate
+    # measured here: held-out gold reward 0.10 -> 0.37 in 12 steps at rollout temperature 0.1 (0.08 -> 0.38 with
+    # the former top-k 20 sampling); 0.15 is far above the untrained ~8-10% rate
     assert summary["start"]["eval/gold_reward_mean"] < 0.15 < summary["end"]["eval/gold_reward_mean"]
-    assert rows[0]["actor/kl_in_loss_coef"] == 0.05  # GRPO: the KL is a k3 loss term, not a reward
+    # GRPO: the KL is a k3 loss term, not a reward (the metric is the mean over the step's 8 minibatches of the
+    # same 0.05, which float summation leaves within an ulp or two)
+    assert rows[0]["actor/kl_in_loss_coef"] == pytest.approx(0.05, rel=1e-12)
     assert rows[0]["actor/ratio_max_dev_first_minibatch"] < 1e-5  # on-policy: the ratio starts at 1
 
 
