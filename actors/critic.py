@@ -23,7 +23,7 @@ class CriticActor(TrainableMixin):
     def __init__(self, model: str, *, seed: int = 0, torch_threads: int | None = None, dtype: str = "float32",
                  micro_batch_size: int = 8, optimizer: OptimizerConfig | dict | None = None,
                  lora: dict | None = None, gradient_checkpointing: bool = False, packing: bool = False,
-                 offload_optimizer: bool = False):
+                 offload_optimizer: bool = False, freeze_layers: int = 0):
         quiet_transformers()
         configure_threads(torch_threads)
         seed_everything(seed)
@@ -31,6 +31,7 @@ class CriticActor(TrainableMixin):
         self.offload_optimizer = offload_optimizer  # read by setup_optimizer (actors.offload)
         self.model = ScalarHeadModel.from_pretrained(
             model, dtype=dtype, lora=lora, gradient_checkpointing=gradient_checkpointing, packing=packing,
+            freeze_layers=freeze_layers,  # embeddings + lowest K layers frozen: a shorter backward
         ).to(self.device).eval()
         # PPO's rewards are the reward model's normalised scores: start the values on that scale.
         self.model.fold_normalization()
@@ -38,7 +39,8 @@ class CriticActor(TrainableMixin):
         self.setup_optimizer(optimizer or OptimizerConfig(lr=1e-5, eps=1e-5))
 
     def info(self) -> dict:
-        return describe_actor(self.role, self.device, parameters=sum(p.numel() for p in self.model.parameters()))
+        return describe_actor(self.role, self.device, parameters=sum(p.numel() for p in self.model.parameters()),
+                              trainable_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad))
 
     def _autocast(self):
         return contextlib.nullcontext()

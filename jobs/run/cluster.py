@@ -155,11 +155,16 @@ class TrainingRoleConfig:
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in the backward pass
     packing: bool = False           # padding-free micro-batches (position ids restart per sequence)
     offload_optimizer: bool = False  # optimizer state on the CPU (FSDP2 groups: CPUOffloadPolicy); no-op on CPU
+    # The critic only: its embeddings and lowest K decoder layers stay frozen (a shorter backward, no optimizer
+    # state for them). A cheaper critic, not the same one: the values come from the upper layers' features.
+    freeze_layers: int = 0
+    torch_threads: int | None = None  # this role's torch threads (default: the run's torch_threads)
 
     def actor_options(self) -> dict:
         """The keyword arguments these options become for the role's actor (PolicyActor, CriticActor, ...)."""
         return {"dtype": self.dtype, "lora": dict(self.lora) or None, "gradient_checkpointing": self.gradient_checkpointing,
-                "packing": self.packing, "offload_optimizer": self.offload_optimizer}
+                "packing": self.packing, "offload_optimizer": self.offload_optimizer,
+                **({"freeze_layers": self.freeze_layers} if self.freeze_layers else {})}
 
     def validate(self, key: str, roles: tuple[str, ...] = ()) -> None:
         if self.num_workers < 1:
@@ -175,6 +180,13 @@ class TrainingRoleConfig:
                               f"got {self.colocate_with!r}")
         if not 0 < self.share <= 1:
             raise ConfigError(f"{key}.share must be in (0, 1], got {self.share}")
+        if self.freeze_layers < 0:
+            raise ConfigError(f"{key}.freeze_layers must be >= 0, got {self.freeze_layers}")
+        if self.freeze_layers and (key != "critic" or self.num_workers > 1):
+            raise ConfigError(f"{key}.freeze_layers: only a single-actor critic takes it (critic.freeze_layers, "
+                              f"critic.num_workers 1)")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"{key}.torch_threads must be >= 1, got {self.torch_threads}")
         if self.dtype not in WEIGHT_DTYPES:
             raise ConfigError(f"{key}.dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.dtype!r}")
         if self.lora:
@@ -193,6 +205,8 @@ def build_training_group(actor_cls: type, role: str, layout: TrainingRoleConfig,
                          init_kwargs: dict, call_timeout_s: float, colocate_with=None):
     """A plain ActorGroup for one worker, an FSDP2 ShardedActorGroup for more (same driver code)."""
     init_kwargs = {**init_kwargs, **layout.actor_options()}
+    if layout.torch_threads:
+        resources = dataclasses.replace(resources, torch_threads=layout.torch_threads)
     return training_group(actor_cls, role, layout.num_workers, resources=resources, init_kwargs=init_kwargs,
                           strategy=layout.strategy, colocate_with=colocate_with, share=layout.share,
                           fsdp=dict(layout.fsdp) or None, call_timeout_s=call_timeout_s)
