@@ -265,6 +265,41 @@ def save_causal_lm(model: torch.nn.Module, tokenizer, folder: str | os.PathLike)
     return str(folder)
 
 
+def folder_weights(name_or_path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved HF model folder (its ``*.safetensors`` files), under the names it was
+    saved with: what an actor loads to swap one policy for another without a new process or engine."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(resolve_model_path(name_or_path)).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {name_or_path}")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(load_file(str(file)))
+    return weights
+
+
+def freeze_lower_layers(model: torch.nn.Module, num_layers: int) -> int:
+    """Freeze the input embeddings and the lowest ``num_layers`` decoder layers (``requires_grad``
+    off): the backward pass then stops at the first trainable layer, and those weights need no
+    gradients or optimizer state. The forward pass is unchanged. Returns the parameters frozen."""
+    if num_layers <= 0:
+        return 0
+    base = unwrap_lora(model)
+    base = getattr(base, "model", base) if not hasattr(base, "layers") else base  # CausalLM -> decoder
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"freeze_layers: {type(base).__name__} has no 'layers' list of decoder layers")
+    if num_layers > len(layers):
+        raise ValueError(f"freeze_layers: {num_layers} > the model's {len(layers)} decoder layers")
+    frozen = 0
+    for module in [base.get_input_embeddings(), *layers[:num_layers]]:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
+
+
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer's activations in the backward pass instead of storing them.
 

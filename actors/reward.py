@@ -11,12 +11,12 @@ from typing import Sequence
 import torch
 
 from actors.math.batch import Batch, collate_sequences, micro_batches, pair_micro_batches
-from actors.models import load_tokenizer
+from actors.models import load_tokenizer, resolve_model_path
 from actors.runtime import configure_threads, describe_actor, pick_device, quiet_transformers, seed_everything
 from actors.optim import OptimizerConfig, TrainableMixin
-from actors.math.ppo_math import bradley_terry_loss
+from actors.math.ppo_math import bradley_terry_loss, pool_sequence_scores
 from actors.scorers import build_scorer
-from actors.value_model import ScalarHeadModel, last_token_index
+from actors.value_model import HEAD_META, ScalarHeadModel
 
 
 class RewardModelActor(TrainableMixin):
@@ -36,7 +36,8 @@ class RewardModelActor(TrainableMixin):
                  tokenizer: str | None = None, seed: int = 0, torch_threads: int | None = None,
                  dtype: str = "float32", micro_batch_size: int = 8, normalize: bool = True,
                  optimizer: OptimizerConfig | dict | None = None, lora: dict | None = None,
-                 gradient_checkpointing: bool = False, packing: bool = False, offload_optimizer: bool = False):
+                 gradient_checkpointing: bool = False, packing: bool = False, offload_optimizer: bool = False,
+                 freeze_layers: int = 0, pooling: str | None = None):
         quiet_transformers()
         configure_threads(torch_threads)
         seed_everything(seed)
@@ -50,7 +51,13 @@ class RewardModelActor(TrainableMixin):
                 raise ValueError("reward.kind 'learned' needs reward.model")
             self.model = ScalarHeadModel.from_pretrained(
                 model, dtype=dtype, lora=lora, gradient_checkpointing=gradient_checkpointing, packing=packing,
+                freeze_layers=freeze_layers,
             ).to(self.device).eval()
+            if pooling is not None:  # a fresh head takes the requested readout; a saved one keeps its own
+                if (Path(resolve_model_path(model)) / HEAD_META).exists() and pooling != self.model.pooling:
+                    raise ValueError(f"reward model {model} was trained with pooling {self.model.pooling!r}, "
+                                     f"not {pooling!r}")
+                self.model.pooling = pooling
             self.tokenizer = load_tokenizer(tokenizer or model)
             if optimizer is not None:
                 self.setup_optimizer(optimizer)
@@ -73,7 +80,7 @@ class RewardModelActor(TrainableMixin):
     def _pair_scores(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         mb = {k: v.to(self.device) for k, v in mb.items()}
         values = self.model(mb["input_ids"], mb["attention_mask"])
-        scores = values.gather(1, last_token_index(mb["attention_mask"]).unsqueeze(1)).squeeze(1)
+        scores = pool_sequence_scores(values, mb["attention_mask"], mb["loss_mask"], self.model.pooling)
         n = scores.shape[0] // 2
         return scores[:n], scores[n:]
 
@@ -140,7 +147,7 @@ class RewardModelActor(TrainableMixin):
         for rows, _, mb in micro_batches(batch, micro_batch_size or self.micro_batch_size):
             mb = {k: v.to(self.device) for k, v in mb.items()}
             values = self.model(mb["input_ids"], mb["attention_mask"])
-            scores[rows] = values.gather(1, last_token_index(mb["attention_mask"]).unsqueeze(1)).squeeze(1).cpu()
+            scores[rows] = pool_sequence_scores(values, mb["attention_mask"], mb["loss_mask"], self.model.pooling).cpu()
         if self.normalize:
             scores = (scores - self.model.reward_mean) / self.model.reward_std
         return {"scores": scores}

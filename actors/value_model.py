@@ -20,16 +20,18 @@ from torch import nn
 
 from actors.math.batch import pack_rows, unpack_rows
 from actors.math.logprobs import position_ids_from_mask
-from actors.models import (apply_lora, disable_dropout, enable_gradient_checkpointing, is_lora, merged_state_dict,
-                           resolve_model_path, torch_dtype)
+from actors.models import (apply_lora, disable_dropout, enable_gradient_checkpointing, freeze_lower_layers, is_lora,
+                           merged_state_dict, resolve_model_path, torch_dtype)
 
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_META = "value_head.json"
 
 
 class ScalarHeadModel(nn.Module):
-    def __init__(self, backbone: nn.Module, hidden_size: int, reward_mean: float = 0.0, reward_std: float = 1.0):
+    def __init__(self, backbone: nn.Module, hidden_size: int, reward_mean: float = 0.0, reward_std: float = 1.0,
+                 pooling: str = "last"):
         super().__init__()
+        self.pooling = pooling  # how a reward model turns per-position outputs into a score (saved with the head)
         self.backbone = backbone
         self.head = nn.Linear(hidden_size, 1)
         # A small head init keeps initial scores near 0 (OpenRLHF/TRL do the same).
@@ -41,8 +43,10 @@ class ScalarHeadModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", *, lora: dict | None = None,
-                        gradient_checkpointing: bool = False, packing: bool = False) -> "ScalarHeadModel":
-        """Load a saved scalar-head model, or start one from any causal LM (fresh head)."""
+                        gradient_checkpointing: bool = False, packing: bool = False,
+                        freeze_layers: int = 0) -> "ScalarHeadModel":
+        """Load a saved scalar-head model, or start one from any causal LM (fresh head).
+        ``freeze_layers``: embeddings and the lowest K decoder layers do not train (a cheaper backward)."""
         from transformers import AutoModel
 
         path = resolve_model_path(name_or_path)
@@ -52,12 +56,14 @@ class ScalarHeadModel(nn.Module):
         model = cls(backbone, backbone.config.hidden_size).to(torch_dtype(dtype))
         if lora:  # after the head, so the head's random init does not depend on LoRA
             model.backbone = apply_lora(backbone, lora)
+        freeze_lower_layers(model.backbone, freeze_layers)
         model.packing = packing
         folder = Path(path)
         if (folder / HEAD_WEIGHTS).exists():
             model.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
             meta = json.loads((folder / HEAD_META).read_text())
             model.reward_mean, model.reward_std = float(meta["reward_mean"]), float(meta["reward_std"])
+            model.pooling = meta.get("pooling", "last")
         return model
 
     @torch.no_grad()
@@ -89,7 +95,8 @@ class ScalarHeadModel(nn.Module):
         else:
             self.backbone.save_pretrained(folder)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(folder / HEAD_WEIGHTS))
-        (folder / HEAD_META).write_text(json.dumps({"reward_mean": self.reward_mean, "reward_std": self.reward_std}))
+        (folder / HEAD_META).write_text(json.dumps({"reward_mean": self.reward_mean, "reward_std": self.reward_std,
+                                                    "pooling": self.pooling}))
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

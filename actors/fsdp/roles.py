@@ -128,7 +128,8 @@ def _save_scalar_head_model(actor, path: str, tokenizer=None) -> str:
         actor.model.backbone.save_pretrained(folder, state_dict=backbone)
         save_file(head, str(folder / HEAD_WEIGHTS))
         (folder / HEAD_META).write_text(json.dumps({"reward_mean": actor.model.reward_mean,
-                                                    "reward_std": actor.model.reward_std}))
+                                                    "reward_std": actor.model.reward_std,
+                                                    "pooling": actor.model.pooling}))
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
     _barrier()

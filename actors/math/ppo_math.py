@@ -104,6 +104,25 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=-1).values
 
 
+SCORE_POOLINGS = ("last", "mean")
+
+
+def pool_sequence_scores(values: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                         pooling: str = "last") -> torch.Tensor:
+    """A sequence score [B] from a scalar head's per-position outputs ``values`` [B, T].
+
+    ``last``: the output at the last real token (the usual reward-model readout: the whole sequence
+    has been read there). ``mean``: the mean output over the response's positions (``response_mask``),
+    so every response token adds its own term, as a lexicon-style judge sums word scores. A row with no
+    response token scores 0 under ``mean``."""
+    if pooling == "last":
+        return values.gather(1, last_token_index(attention_mask).clamp(min=0).unsqueeze(1)).squeeze(1)
+    if pooling == "mean":
+        m = response_mask.to(values.dtype)
+        return (values * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    raise ValueError(f"unknown score pooling {pooling!r}; choose from {', '.join(SCORE_POOLINGS)}")
+
+
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                          mask: torch.Tensor, kl_coef, kind: str = "k1", clip_score: float | None = None):
     """Per-token RLHF reward (Ziegler et al. 2019; Stiennon et al. 2020):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 from actors.math.batch import collate_pairs
+from actors.math.ppo_math import SCORE_POOLINGS
 from actors.generation import GenerationActor, generate_sharded
 from actors.sampling import SamplingConfig
 from actors.group import ActorGroup, ActorResources
@@ -51,6 +52,8 @@ class RewardTrainConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5, warmup_steps=10))
     margin: float = 0.0
+    freeze_layers: int = 0         # embeddings + the lowest K decoder layers stay frozen (a cheaper backward)
+    pooling: str = "last"          # score readout: last (the last token's output) | mean (over response tokens)
     batch_size: int = 16           # pairs per optimizer step
     micro_batch_size: int = 8      # pairs per forward pass
     epochs: int = 1
@@ -68,6 +71,10 @@ class RewardTrainConfig:
         self.optimizer.validate()
         self.normalize.sampling.validate("normalize.sampling")
         check_step_plan(self)
+        if self.pooling not in SCORE_POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(SCORE_POOLINGS)}, got {self.pooling!r}")
+        if self.freeze_layers < 0:
+            raise ConfigError(f"freeze_layers must be >= 0, got {self.freeze_layers}")
         if self.normalize.num_prompts < 2:
             raise ConfigError(f"normalize.num_prompts must be >= 2 (a std needs two samples), got "
                               f"{self.normalize.num_prompts}")
@@ -126,6 +133,7 @@ def train(config: RewardTrainConfig) -> dict:
                                   resources=ActorResources(torch_threads=config.torch_threads), call_timeout_s=1800.0,
                                   init_kwargs={"kind": "learned", "model": config.model, "seed": config.seed,
                                                "micro_batch_size": config.micro_batch_size,
+                                               "freeze_layers": config.freeze_layers, "pooling": config.pooling,
                                                "optimizer": dataclasses.asdict(config.optimizer)})
     try:
         reward.wait_ready()
