@@ -18,7 +18,7 @@ import torch
 
 from actors.math.batch import collate_sequences, left_pad
 from actors.math.logprobs import position_ids_from_mask, sequence_logprobs, token_logprobs
-from actors.models import load_causal_lm, load_tokenizer, resolve_model_path
+from actors.models import folder_weights, load_causal_lm, load_tokenizer, resolve_model_path
 from actors.runtime import configure_threads, describe_actor, pick_device, quiet_transformers, seed_everything
 from actors.sampling import Completion, GenerationBackend, SamplingConfig
 
@@ -190,6 +190,16 @@ class GenerationActor:
         self.backend.load_weights(weights)
         self.weights_version = version if version is not None else self.weights_version + 1
         return {"seconds": time.perf_counter() - start, "weights_version": self.weights_version}
+
+    def load_model_folder(self, path: str) -> dict:
+        """Swap in the weights of a saved policy of the same architecture, in place (no new engine):
+        one generator then serves every policy an evaluation stage compares."""
+        weights = folder_weights(path)
+        if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied embeddings are saved once
+        out = self.update_weights(weights)
+        self.model_name = path
+        return out
 
     def close(self) -> None:
         """Stop the backend's engine processes (vLLM); call before killing the actor."""

@@ -12,7 +12,7 @@ import torch
 from actors.math.batch import Batch, micro_batches
 from actors.math.kl import sequence_kl
 from actors.math.logprobs import position_ids_from_mask, sequence_logprobs
-from actors.models import load_causal_lm, resolve_model_path
+from actors.models import folder_weights, load_causal_lm, resolve_model_path
 from actors.worker import ModelWorker
 
 
@@ -25,6 +25,18 @@ class KLScorerActor(ModelWorker):
         self.reference_name = reference
         self.reference = load_causal_lm(resolve_model_path(reference), device=self.device)
         self.reference.requires_grad_(False)
+
+    def load_policy(self, path: str) -> str:
+        """Score another saved policy of the same architecture: its weights replace the current ones
+        in place (the reference stays), so one scorer serves every policy of an evaluation stage."""
+        weights = folder_weights(path)
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{path}: weights do not fit the scorer's model (missing {sorted(set(missing) - tied)[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        self.model_name = path
+        return path
 
     def _forward(self, model, mb: Batch) -> torch.Tensor:
         mb = {k: v.to(self.device) for k, v in mb.items()}

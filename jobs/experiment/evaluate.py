@@ -33,6 +33,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     kl_temperature: float = 1.0
+    generation_options: dict = field(default_factory=dict)  # the evaluator's vLLM options (e.g. kv_cache_gib)
 
     def validate(self, prefix: str = "eval") -> None:
         if self.num_prompts < 1 or self.samples_per_prompt < 1 or self.max_new_tokens < 1:
@@ -49,32 +50,6 @@ def policy_seed(base: int, run: str) -> int:
     With one seed for all, every policy drew the same random numbers and win rates compared coupled
     samples (SFT vs SFT came out exactly 0.5 [0.5, 0.5]; issue 17 defect f)."""
     return (base * 1_000_003 + zlib.crc32(run.encode("utf-8"))) % (2**31 - 1)
-
-
-def sample_and_score(model: str, prompt_ids: list[list[int]], config: EvalConfig, gold: ActorGroup, *, seed: int,
-                     torch_threads: int | None = None, backend: str = "hf") -> pd.DataFrame:
-    """One row per sample at every temperature: ids, text, gold score."""
-    tokenizer = load_tokenizer(model)
-    generators = ActorGroup(GenerationActor, "generator", resources=ActorResources(torch_threads=torch_threads),
-                            indexed_names=True, init_kwargs={"model": model, "seed": seed, "backend": backend})
-    rows = []
-    try:
-        for temperature in config.temperatures:
-            n = 1 if temperature == 0 else config.samples_per_prompt
-            sampling = SamplingConfig(n=n, temperature=temperature, max_new_tokens=config.max_new_tokens,
-                                      seed=seed + int(temperature * 1000))
-            completions = generate_sharded(generators, prompt_ids, sampling)
-            scores = gold.run_one("score", [c.prompt_ids for c in completions],
-                                  [c.response_ids for c in completions])["scores"].tolist()
-            for c, score in zip(completions, scores):
-                rows.append({"temperature": temperature, "prompt_index": c.prompt_index, "sample_index": c.sample_index,
-                             "prompt": tokenizer.decode(c.prompt_ids, skip_special_tokens=True),
-                             "response": tokenizer.decode(c.response_ids, skip_special_tokens=True),
-                             "prompt_ids": list(c.prompt_ids), "response_ids": list(c.response_ids),
-                             "finish_reason": c.finish_reason, "gold": float(score)})
-    finally:
-        generators.shutdown()
-    return pd.DataFrame(rows)
 
 
 def gold_judge(scorer: str, tokenizer: str) -> ActorGroup:
@@ -124,23 +99,69 @@ def score_kl(samples: pd.DataFrame, scorer: ActorGroup, temperature: float, *, p
         samples[name] = column
 
 
-def evaluate_policy(model: str, prompt_ids: list[list[int]], config: EvalConfig, *, judge: ActorGroup,
-                    reference: str, seed: int = 0, torch_threads: int | None = None,
-                    backend: str = "hf") -> pd.DataFrame:
-    """All samples of one policy with gold scores (``judge``), and at the KL temperature the policy /
-    reference log-probs and the exact KL, all at that temperature (``reference``: the reference model)."""
-    pad_id = load_tokenizer(model).pad_token_id
-    samples = sample_and_score(model, prompt_ids, config, judge, seed=seed, torch_threads=torch_threads,
-                               backend=backend)
-    at_kl = samples["temperature"] == config.kl_temperature
-    kl_rows = samples[at_kl].reset_index(drop=True)
-    scorer = ActorGroup(KLScorerActor, "kl-scorer", resources=ActorResources(torch_threads=torch_threads),
-                        init_kwargs={"model": model, "reference": reference})
-    try:
-        score_kl(kl_rows, scorer, config.kl_temperature, pad_id=pad_id)
-    finally:
-        scorer.shutdown()
-    for name in ("logp_policy", "logp_reference", "kl_exact"):
-        samples[name] = np.nan
-        samples.loc[at_kl, name] = kl_rows[name].to_numpy()
-    return samples
+class PolicyEvaluator:
+    """One generation worker and one KL scorer for every policy of an evaluation stage.
+
+    Both start once with the reference (SFT) policy; each evaluated policy's saved weights are then
+    loaded in place (``load_model_folder`` / ``load_policy``) instead of starting a new engine and a
+    new scorer per policy. Sampling is seeded per request, so a policy's samples do not depend on
+    which policies were evaluated before it.
+    """
+
+    def __init__(self, reference: str, config: EvalConfig, judge: ActorGroup, *, torch_threads: int | None = None,
+                 backend: str = "hf", generation_options: dict | None = None):
+        self.reference, self.config, self.judge = reference, config, judge
+        self.tokenizer = load_tokenizer(reference)
+        resources = ActorResources(torch_threads=torch_threads)
+        self.generators = ActorGroup(GenerationActor, "generator", resources=resources, indexed_names=True,
+                                     init_kwargs={"model": reference, "seed": 0, "backend": backend,
+                                                  "backend_options": generation_options})
+        self.scorer = ActorGroup(KLScorerActor, "kl-scorer", resources=resources,
+                                 init_kwargs={"model": reference, "reference": reference})
+        self.loaded: str | None = reference
+
+    def _load(self, policy: str) -> None:
+        if policy != self.loaded:
+            self.generators.get(self.generators.call_all("load_model_folder", policy) +
+                                [self.scorer.submit("load_policy", policy)], "load_model_folder")
+            self.loaded = policy
+
+    def sample_and_score(self, policy: str, prompt_ids: list[list[int]], *, seed: int) -> pd.DataFrame:
+        """One row per sample at every temperature: ids, text, gold score."""
+        self._load(policy)
+        rows = []
+        for temperature in self.config.temperatures:
+            n = 1 if temperature == 0 else self.config.samples_per_prompt
+            sampling = SamplingConfig(n=n, temperature=temperature, max_new_tokens=self.config.max_new_tokens,
+                                      seed=seed + int(temperature * 1000))
+            completions = generate_sharded(self.generators, prompt_ids, sampling)
+            scores = self.judge.run_one("score", [c.prompt_ids for c in completions],
+                                        [c.response_ids for c in completions])["scores"].tolist()
+            for c, score in zip(completions, scores):
+                rows.append({"temperature": temperature, "prompt_index": c.prompt_index,
+                             "sample_index": c.sample_index,
+                             "prompt": self.tokenizer.decode(c.prompt_ids, skip_special_tokens=True),
+                             "response": self.tokenizer.decode(c.response_ids, skip_special_tokens=True),
+                             "prompt_ids": list(c.prompt_ids), "response_ids": list(c.response_ids),
+                             "finish_reason": c.finish_reason, "gold": float(score)})
+        return pd.DataFrame(rows)
+
+    def evaluate(self, policy: str, prompt_ids: list[list[int]], *, seed: int = 0) -> pd.DataFrame:
+        """All samples of ``policy`` with gold scores, and at the KL temperature the policy / reference
+        log-probs and the exact KL, all at that temperature."""
+        samples = self.sample_and_score(policy, prompt_ids, seed=seed)
+        at_kl = samples["temperature"] == self.config.kl_temperature
+        kl_rows = samples[at_kl].reset_index(drop=True)
+        score_kl(kl_rows, self.scorer, self.config.kl_temperature, pad_id=self.tokenizer.pad_token_id)
+        for name in ("logp_policy", "logp_reference", "kl_exact"):
+            samples[name] = np.nan
+            samples.loc[at_kl, name] = kl_rows[name].to_numpy()
+        return samples
+
+    def shutdown(self) -> None:
+        try:
+            self.generators.run_all("close", timeout_s=120)
+        except Exception as exc:  # a dead generator has nothing left to close
+            print(f"[warn] closing generators: {exc}")
+        self.generators.shutdown()
+        self.scorer.shutdown()
