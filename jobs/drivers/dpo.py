@@ -26,6 +26,7 @@ from actors.reference import ReferenceActor
 from actors.runtime import rng_state, set_rng_state
 from jobs.run.batching import EncodedPair, TokenizeConfig, encode_pairs
 from jobs.run.cluster import TrainingRoleConfig, build_training_group, check_placement, init_ray, role_resources
+from jobs.run.snapshots import check_snapshot_steps, save_snapshot_if_due, saved_snapshots
 from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
 from jobs.run.config import ConfigError, check_model, run_cli, save_config
 from jobs.data.source import DataConfig, load_pair_splits
@@ -77,11 +78,13 @@ class DPOConfig:
     placement: dict[str, dict[str, float]] = field(default_factory=dict)
     policy: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # num_workers > 1: FSDP2 group
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    snapshot_steps: list[int] = field(default_factory=list)  # save the policy (HF folder) after these steps too
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> None:
         self.policy.validate("policy")
         self.checkpoint.validate()
+        check_snapshot_steps("snapshot_steps", self.snapshot_steps, self.max_steps or 10**9)
         self.faults.validate()
         self.loss.validate()
         self.optimizer.validate()
@@ -233,7 +236,10 @@ def _train_attempt(config: DPOConfig, pad_id: int, train_enc, eval_enc, resume_f
             return policy.run_one("train_dpo", _batch([train_enc[i] for i in index], pad_id), rc, rr, loss,
                                   config.micro_batch_size)
 
+        check_snapshot_steps("snapshot_steps", config.snapshot_steps, total_steps)
+
         def after_step(state: LoopState) -> None:
+            save_snapshot_if_due(policy, out, state.step, config.snapshot_steps)
             every = config.checkpoint.every
             due = (every and state.step % every == 0) or state.step == total_steps
             if due and not guard.in_row:  # never checkpoint in the middle of a run of skipped updates
@@ -263,7 +269,8 @@ def _train_attempt(config: DPOConfig, pad_id: int, train_enc, eval_enc, resume_f
                "tokens_trained": loop.tokens, "wall_s": wall_before + time.perf_counter() - start_all,
                "reference_s": ref_train.seconds + ref_eval.seconds, "reference_checksum_end": reference_checksum,
                "roles": roles, "reference_from": reference_from,
-               "checkpoint": str(checkpoint), "resumed_from": str(resume_from) if resume_from else None,
+               "checkpoint": str(checkpoint), "snapshots": saved_snapshots(out, config.snapshot_steps),
+               "resumed_from": str(resume_from) if resume_from else None,
                "recoveries": recoveries, "faults_injected": faults.killed, "nonfinite_skipped_steps": guard.skipped_steps,
                "final": {k: v for k, v in logger.rows[-1].items()} if logger.rows else {}, **loop.last_eval}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

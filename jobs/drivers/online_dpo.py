@@ -37,6 +37,7 @@ from jobs.drivers.dpo import DPOLossConfig
 from jobs.drivers.ppo import Fleet, build_fleet, evaluate
 from jobs.drivers.ppo_config import RewardConfig
 from jobs.run.batching import TokenizeConfig, encode_prompt
+from jobs.run.snapshots import check_snapshot_steps, save_snapshot_if_due, saved_snapshots
 from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
 from jobs.run.cluster import TrainingRoleConfig, check_placement, init_ray
 from jobs.run.config import ConfigError, check_model, check_reward_source, check_scorer, run_cli, save_config
@@ -76,6 +77,7 @@ class OnlineDPOConfig:
     placement: dict[str, dict[str, float]] = field(default_factory=dict)
     policy: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # lora: the base is the reference
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    snapshot_steps: list[int] = field(default_factory=list)  # save the policy (HF folder) after these rounds too
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> None:
@@ -104,6 +106,7 @@ class OnlineDPOConfig:
             raise ConfigError(f"reference_model: with policy.lora the reference is the policy's own base model "
                               f"(adapters disabled), so it cannot be {self.reference_model!r}; drop reference_model")
         self.checkpoint.validate()
+        check_snapshot_steps("snapshot_steps", self.snapshot_steps, self.rounds)
         self.faults.validate()
         self.data.validate()
         self.tokenize.validate()
@@ -257,6 +260,7 @@ def _train_attempt(config: OnlineDPOConfig, pad_id: int, train_ids, eval_ids, re
                 metrics.update(state["last_eval"])
             logger.log(step, metrics)
             state["round"] = step
+            save_snapshot_if_due(fleet.policy, out, step, config.snapshot_steps)
             every = config.checkpoint.every
             if ((every and step % every == 0) or step == config.rounds) and not guard.in_row:
                 def save_actors(folder: Path) -> list[str]:
@@ -276,6 +280,7 @@ def _train_attempt(config: OnlineDPOConfig, pad_id: int, train_ids, eval_ids, re
         fleet.shutdown()
     summary = {"method": "online_dpo", "reward_kind": config.reward.kind, "rounds": config.rounds,
                "steps": state["dpo_steps"], "pairs": state["pairs"], "checkpoint": str(checkpoint),
+               "snapshots": saved_snapshots(out, config.snapshot_steps),
                "wall_s": wall_before + time.perf_counter() - start_all, "tokens_generated": state["tokens_generated"],
                "tokens_trained": state["tokens_trained"], "start": state["first_eval"], "end": state["last_eval"],
                "recoveries": recoveries, "resumed_from": str(resume_from) if resume_from else None,

@@ -37,6 +37,7 @@ from jobs.data.source import DataConfig, load_prompt_splits
 from jobs.drivers.ppo import Fleet, evaluate, make_rollout
 from jobs.drivers.ppo_config import RewardConfig, check_on_policy_sampling, check_update
 from jobs.run.batching import TokenizeConfig, encode_prompt
+from jobs.run.snapshots import check_snapshot_steps, save_snapshot_if_due, saved_snapshots
 from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
 from jobs.run.cluster import init_ray, role_resources
 from jobs.run.config import ConfigError, check_model, check_scorer, run_cli, save_config
@@ -94,6 +95,7 @@ class PolicyGradientConfig:
     address: str | None = None
     placement: dict[str, dict[str, float]] = field(default_factory=dict)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    snapshot_steps: list[int] = field(default_factory=list)  # save the policy (HF folder) after these steps too
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> None:
@@ -134,6 +136,7 @@ class PolicyGradientConfig:
         check_model("reward.model", self.reward.model)
         check_scorer("eval_scorer", self.eval_scorer)
         self.checkpoint.validate()
+        check_snapshot_steps("snapshot_steps", self.snapshot_steps, self.steps)
         self.faults.validate()
         self.data.validate()
         self.tokenize.validate()
@@ -315,6 +318,7 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
                 metrics.update(state["last_eval"])
             logger.log(step, metrics)
             state["step"] = step
+            save_snapshot_if_due(fleet.policy, out, step, config.snapshot_steps)
             every = config.checkpoint.every
             if ((every and step % every == 0) or step == config.steps) and not guard.in_row:
                 def save_actors(folder: Path) -> list[str]:
@@ -331,6 +335,7 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
     finally:
         fleet.shutdown()
     summary = {"method": config.advantage, "steps": config.steps, "checkpoint": str(checkpoint),
+               "snapshots": saved_snapshots(out, config.snapshot_steps),
                "wall_s": wall_before + time.perf_counter() - start_all, "tokens_generated": state["tokens_generated"],
                "start": state["first_eval"], "end": state["last_eval"], "recoveries": recoveries,
                "resumed_from": str(resume_from) if resume_from else None, "faults_injected": faults.killed,

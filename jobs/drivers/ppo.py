@@ -38,6 +38,7 @@ from jobs.data.source import load_prompt_splits
 from jobs.drivers.ppo_config import PPOConfig
 from jobs.experiment.stats import bootstrap_ci
 from jobs.run.batching import encode_prompt
+from jobs.run.snapshots import save_snapshot_if_due, saved_snapshots
 from jobs.run.checkpoint import CheckpointWriter, check_resume, load_driver_state, resolve_resume
 from jobs.run.cluster import build_training_group, init_ray, role_resources
 from jobs.run.config import ConfigError, run_cli, save_config
@@ -117,11 +118,15 @@ def build_fleet(config: PPOConfig, *, critic: bool = True, micro_batch_size: int
                 colocate_with=made["policy"] if config.critic.colocate_with == "policy" else None, init_kwargs={
                     "model": critic_model, "optimizer": dataclasses.asdict(config.critic_optimizer),
                     "micro_batch_size": micro, **common})
+        # generation runs alone in a step: generation_options.threads gives the generators more threads than
+        # the roles that score and train concurrently (the vLLM engine's threads and the actor's torch threads)
+        gen_threads = config.generation_options.get("threads") or config.torch_threads
         made["generator"] = ActorGroup(GenerationActor, "generator", num_actors=config.num_generators,
-                                       indexed_names=True, resources=place("generator"), init_kwargs={
+                                       indexed_names=True, init_kwargs={
                                            "model": config.model, "backend": config.generation_backend,
                                            "backend_options": config.generation_options,
-                                           "lora": dict(config.policy.lora) or None, **common})
+                                           "lora": dict(config.policy.lora) or None, **common},
+                                       resources=dataclasses.replace(place("generator"), torch_threads=gen_threads))
         if config.eval_scorer:
             made["judge"] = ActorGroup(RewardModelActor, "judge", resources=role_resources(
                 dataclasses.replace(frozen, num_cpus=0.5, torch_threads=1), config.placement, "judge"),
@@ -347,6 +352,7 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
                 metrics.update(state["last_eval"])
             logger.log(step, metrics)
             state["step"] = step
+            save_snapshot_if_due(fleet.policy, out, step, config.snapshot_steps)
             every = config.checkpoint.every
             due = (every and step % every == 0) or step == config.steps
             if due and not guard.in_row:  # never checkpoint in the middle of a run of skipped updates
@@ -365,7 +371,8 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
         fleet.shutdown()
     first_eval, last_eval = state["first_eval"], state["last_eval"]
     summary = {"steps": config.steps, "wall_s": wall_before + time.perf_counter() - start_all,
-               "checkpoint": str(checkpoint), "tokens_generated": state["tokens_generated"],
+               "checkpoint": str(checkpoint), "snapshots": saved_snapshots(out, config.snapshot_steps),
+               "tokens_generated": state["tokens_generated"],
                "tokens_trained": state["tokens_trained"], "start": first_eval, "end": last_eval,
                "kl_coef_final": kl_ctl.value, "resumed_from": str(resume_from) if resume_from else None,
                "recoveries": recoveries, "faults_injected": faults.killed, "nonfinite_skipped_steps": guard.skipped_steps,

@@ -16,6 +16,7 @@ from actors.ppo_update import PPOUpdateConfig
 from actors.sampling import SamplingConfig
 from jobs.data.source import DataConfig
 from jobs.run.batching import TokenizeConfig
+from jobs.run.snapshots import check_snapshot_steps
 from jobs.run.checkpoint import CheckpointConfig
 from jobs.run.cluster import TrainingRoleConfig, check_placement
 from jobs.run.config import ConfigError, check_model, check_reward_source, check_scorer
@@ -99,6 +100,7 @@ class PPOConfig:
     policy: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # num_workers > 1: FSDP2 group
     critic: TrainingRoleConfig = field(default_factory=TrainingRoleConfig)  # colocate_with: policy shares its bundles
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    snapshot_steps: list[int] = field(default_factory=list)  # save the policy (HF folder) after these steps too
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> None:
@@ -108,6 +110,7 @@ class PPOConfig:
             raise ConfigError("critic.colocate_with: policy needs a sharded policy (policy.num_workers >= 2) whose "
                               f"placement group the critic can share; policy.num_workers is {self.policy.num_workers}")
         self.checkpoint.validate()
+        check_snapshot_steps("snapshot_steps", self.snapshot_steps, self.steps)
         self.faults.validate()
         self.data.validate()
         self.tokenize.validate()
