@@ -28,7 +28,8 @@ def comparison(ray_cluster, tmp_path_factory):
 def test_every_stage_runs_and_the_report_has_its_plots(comparison):
     config, result, root = comparison
     expected = {"sft", "preference_data", "reward", "ppo-kl0.05", "ppo-kl0.5", "ppo-gt-kl0.5", "dpo-beta0.1",
-                "dpo-beta0.5", "preferred-ft", "best-of-n"}
+                "dpo-beta0.5", "preferred-ft", "grpo-kl0.05", "online-dpo-beta0.1", "best-of-n",
+                "eval-ppo-kl0.05@1", "eval-dpo-beta0.1@2"}
     assert expected <= set(result["stages"])
     assert not any(result["stages"].values())  # first run: nothing skipped
     page = (root / "report.html").read_text()
@@ -36,8 +37,22 @@ def test_every_stage_runs_and_the_report_has_its_plots(comparison):
     assert {title for title, _ in images} == {"Reward–KL frontier", "Win rate vs temperature", "Reward vs compute",
                                               "Best-of-N vs N"}
     assert all(len(data) > 1000 for _, data in images)
-    for name in ("runs", "win_rates", "compute_matched", "stages", "best_of_n"):
+    for name in ("runs", "win_rates", "compute_matched", "stages", "best_of_n", "differences"):
         assert (root / "tables" / f"{name}.csv").exists() and (root / "tables" / f"{name}.parquet").exists()
+    runs = pd.read_csv(root / "tables" / "runs.csv")
+    # every method lands in the same table, snapshots as runs of their own with their step
+    assert {"SFT", "PPO", "PPO-GT", "DPO", "Preferred-FT", "GRPO", "Online DPO"} <= set(runs["method"])
+    assert runs.set_index("run").loc["ppo-kl0.05@1", "step"] == 1
+    differences = pd.read_csv(root / "tables" / "differences.csv")
+    assert list(differences.columns) == ["a", "b", "temperature", "diff", "ci_low", "ci_high"]
+    assert {("grpo-kl0.05", "SFT"), ("online-dpo-beta0.1", "SFT"), ("best-of-4", "best-of-1")} <= \
+        set(zip(differences["a"], differences["b"]))
+    import json as _json
+
+    rm = _json.loads((root / "tables" / "reward_model.json").read_text())
+    assert {"accuracy", "spearman", "eval_pairs", "train_pairs"} <= set(rm)
+    stages = pd.read_csv(root / "tables" / "stages.csv")
+    assert "useful_fraction" in stages.columns and stages["stage"].iloc[-1].startswith("total")
     summary = (root / "summary.txt").read_text()
     assert "SFT policy scores" in summary and "Best DPO minus best PPO" in summary
 
@@ -105,8 +120,14 @@ def test_compute_matched_budget_gives_every_method_a_run():
 def test_compare_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="dpo_betas"):
         build_config(CompareConfig, "compare_tiny", ["dpo_betas=[0.1,-1]"])
-    with pytest.raises(ConfigError, match="nothing to compare"):
+    with pytest.raises(ConfigError, match="ppo_kl_coefs is empty but methods includes ppo"):
         build_config(CompareConfig, "compare_tiny", ["dpo_betas=[]", "ppo_kl_coefs=[]"])
+    with pytest.raises(ConfigError, match="nothing to compare"):
+        build_config(CompareConfig, "compare_tiny", ["methods=[best_of_n]"])
+    with pytest.raises(ConfigError, match=r"methods: unknown \['ppoo'\]"):
+        build_config(CompareConfig, "compare_tiny", ["methods=[ppoo,dpo]"])
+    # a sweep a chosen method does not use may be empty
+    build_config(CompareConfig, "compare_tiny", ["methods=[dpo]", "ppo_kl_coefs=[]"])
 
 
 @pytest.mark.slow
@@ -130,27 +151,33 @@ def test_every_compare_preset_and_its_stage_configs_validate(preset):
     import dataclasses
 
     from jobs.drivers.best_of_n import BestOfNConfig
-    from jobs.drivers.compare import _job_config
     from jobs.drivers.dpo import DPOConfig
+    from jobs.drivers.online_dpo import OnlineDPOConfig
+    from jobs.drivers.policy_gradient import PolicyGradientConfig
     from jobs.drivers.ppo import PPOConfig
     from jobs.drivers.reward import RewardTrainConfig
     from jobs.drivers.sft import SFTConfig
+    from jobs.experiment.stages import job_config
 
     config = build_config(CompareConfig, preset)
     pairs = {"train": "jsonl:pairs.jsonl", "eval_fraction": 0.1}
+    prompts = dataclasses.asdict(config.prompts)
+    gold = {"kind": "gold", "scorer": config.gold_scorer}
     if config.sft is not None:
-        _job_config(SFTConfig, {"model": config.model}, config.sft)
-    _job_config(RewardTrainConfig, {"model": config.model, "data": pairs}, config.reward)
-    ppo = _job_config(PPOConfig, {"model": config.model, "data": dataclasses.asdict(config.prompts),
-                                  "reward": {"kind": "gold", "scorer": config.gold_scorer}}, config.ppo)
+        job_config(SFTConfig, {"model": config.model}, config.sft)
+    job_config(RewardTrainConfig, {"model": config.model, "data": pairs}, config.reward)
+    ppo = job_config(PPOConfig, {"model": config.model, "data": prompts, "reward": gold}, config.ppo)
     assert ppo.kl.coef > 0
-    _job_config(DPOConfig, {"model": config.model, "data": pairs}, config.dpo)
-    if config.preferred_ft is not None:
-        _job_config(SFTConfig, {"model": config.model, "data": pairs, "target": "chosen"}, config.preferred_ft)
-    if config.best_of_n is not None:
-        _job_config(BestOfNConfig, {"model": config.model, "gold_scorer": config.gold_scorer,
-                                    "reward": {"kind": "gold", "scorer": config.gold_scorer}}, config.best_of_n)
-    assert len(config.dpo_betas) >= 2 and (len(config.ppo_kl_coefs) >= 3 or preset == "compare_tiny")
+    job_config(DPOConfig, {"model": config.model, "data": pairs}, config.dpo)
+    job_config(SFTConfig, {"model": config.model, "data": pairs, "target": "chosen"}, config.preferred_ft)
+    job_config(BestOfNConfig, {"model": config.model, "gold_scorer": config.gold_scorer, "reward": gold},
+               config.best_of_n)
+    for method in {"rloo", "grpo", "dr_grpo", "reinforce_pp"} & set(config.methods):
+        job_config(PolicyGradientConfig, {"model": config.model, "data": prompts, "reward": gold,
+                                          "advantage": method}, config.policy_gradient)
+    if {"online_dpo", "online_dpo_gt"} & set(config.methods):
+        job_config(OnlineDPOConfig, {"model": config.model, "data": prompts, "reward": gold}, config.online_dpo)
+    assert len(config.dpo_betas) >= 2 and (len(config.ppo_kl_coefs) >= 1)
 
 
 @pytest.mark.parametrize("override, message", [

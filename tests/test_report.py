@@ -65,3 +65,24 @@ def test_differences_use_only_the_kl_temperature():
            for run, frame in EVALUATIONS.items()}
     table = paired_differences(_runs(EVALUATIONS, METHODS), hot, 1.0)
     assert table.set_index(["a", "b"]).loc[("dpo-beta0.1", "SFT"), "diff"] == pytest.approx(0.25, abs=0)
+
+
+def test_stage_table_useful_fraction_is_bench_seconds_over_wall_seconds():
+    from types import SimpleNamespace
+
+    from jobs.experiment.report import stage_table
+
+    def stage(name, wall, trained, generated, skipped=False):
+        return SimpleNamespace(name=name, skipped=skipped, compute={"wall_s": wall, "cpu_s": 0.0, "device_s": 0.0},
+                               summary={"tokens_trained": trained, "tokens_generated": generated})
+
+    rates = SimpleNamespace(train_tokens_per_s=100.0, generate_tokens_per_s=1000.0)
+    stages = {"ppo": stage("ppo", 40.0, 1000, 10_000), "dpo": stage("dpo", 50.0, 2500, 0),
+              "old": stage("old", 999.0, 1, 1, skipped=True)}
+    table = stage_table(stages, rates).set_index("stage")
+    # ppo: 1000/100 + 10000/1000 = 20 s of work in 40 s; dpo: 25 s in 50 s; the total counts stages run now only
+    assert table.loc["ppo", "useful_fraction"] == pytest.approx(0.5, abs=1e-12)
+    assert table.loc["dpo", "useful_fraction"] == pytest.approx(0.5, abs=1e-12)
+    total = table.loc["total (stages run now)"]
+    assert total["wall_s"] == 90.0 and total["tokens_trained"] == 3500
+    assert total["useful_fraction"] == pytest.approx(45.0 / 90.0, abs=1e-12)

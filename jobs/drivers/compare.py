@@ -1,11 +1,13 @@
-"""The head-to-head experiment: RLHF (PPO) vs DPO and baselines on the same data, and its report.
+"""The head-to-head experiment: RLHF (PPO), DPO, critic-free RL, online DPO and baselines on the same data.
 
     python -m jobs.compare --preset demo [key.sub=value ...]
 
 The DPO paper's controlled-sentiment study: SFT policy -> review-opening prompts -> samples from the
-SFT policy, every pair labelled by the gold scorer -> reward model -> PPO (learned reward, several KL
-coefficients) and PPO-GT (gold reward) -> DPO (several β) -> Preferred-FT -> Best-of-N -> evaluation
-of every policy on held-out prompts -> an HTML report with tables. Each stage is a job cached under
+SFT policy, every pair labelled by the gold scorer -> reward model -> the chosen ``methods``, each
+over its sweep (PPO and the critic-free RL methods over KL coefficients with the learned reward,
+PPO-GT with the gold reward, DPO and online DPO over β, Preferred-FT) -> Best-of-N -> evaluation of
+every policy, and of every snapshot a job saved on the way (``snapshot_steps``), on held-out
+prompts -> an HTML report with tables. Each stage is a job cached under
 ``stages/<name>-<hash of its config>``; a rerun skips every finished stage.
 """
 
@@ -13,20 +15,63 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
-from actors.group import COMPUTE_LEDGER, ActorGroup
 from actors.models import load_tokenizer
-from jobs.run.cluster import init_ray
-from jobs.run.config import ConfigError, build_config, config_hash, run_cli, save_config
 from jobs.data.source import DataConfig, load_prompt_splits
-from jobs.experiment.evaluate import EvalConfig, evaluate_policy, gold_judge, policy_seed, summarize
+from jobs.drivers.best_of_n import BestOfNConfig
+from jobs.drivers.best_of_n import train as run_best_of_n
+from jobs.drivers.dpo import DPOConfig
+from jobs.drivers.dpo import train as train_dpo
+from jobs.drivers.online_dpo import OnlineDPOConfig
+from jobs.drivers.online_dpo import train as train_online_dpo
+from jobs.drivers.policy_gradient import PolicyGradientConfig
+from jobs.drivers.policy_gradient import train as train_policy_gradient
+from jobs.drivers.ppo import PPOConfig
+from jobs.drivers.ppo import train as train_ppo
+from jobs.drivers.reward import RewardTrainConfig
+from jobs.drivers.reward import train as train_reward
+from jobs.drivers.sft import SFTConfig
+from jobs.drivers.sft import train as train_sft
+from jobs.experiment.evaluate import EvalConfig, PolicyEvaluator, gold_judge, policy_seed, summarize
 from jobs.experiment.preference_data import PreferenceDataConfig, build_preference_data
+from jobs.experiment.report import write_report
+from jobs.experiment.reward_diagnostics import best_of_n_differences, reward_model_diagnostics
+from jobs.experiment.stages import StageResult, StageRunner, run_job
+from jobs.run.cluster import init_ray
+from jobs.run.config import ConfigError, _build, run_cli, save_config
+
+# method key -> (label in the report, sweep key, job section, run-name prefix)
+METHODS = {
+    "ppo": ("PPO", "ppo_kl_coefs", "ppo", "ppo-kl"),
+    "ppo_gt": ("PPO-GT", "ppo_gt_kl_coefs", "ppo", "ppo-gt-kl"),
+    "dpo": ("DPO", "dpo_betas", "dpo", "dpo-beta"),
+    "preferred_ft": ("Preferred-FT", None, "preferred_ft", "preferred-ft"),
+    "rloo": ("RLOO", "pg_kl_coefs", "policy_gradient", "rloo-kl"),
+    "grpo": ("GRPO", "pg_kl_coefs", "policy_gradient", "grpo-kl"),
+    "dr_grpo": ("Dr. GRPO", "pg_kl_coefs", "policy_gradient", "dr-grpo-kl"),
+    "reinforce_pp": ("REINFORCE++", "pg_kl_coefs", "policy_gradient", "reinforce-pp-kl"),
+    "online_dpo": ("Online DPO", "online_dpo_betas", "online_dpo", "online-dpo-beta"),
+    "online_dpo_gt": ("Online DPO-GT", "online_dpo_betas", "online_dpo", "online-dpo-gt-beta"),
+    "best_of_n": ("Best-of-N", None, "best_of_n", "best-of-n"),
+}
+SECTION_CLASSES = {"sft": SFTConfig, "reward": RewardTrainConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+                   "preferred_ft": SFTConfig, "policy_gradient": PolicyGradientConfig, "online_dpo": OnlineDPOConfig,
+                   "best_of_n": BestOfNConfig}
+
+
+@dataclass
+class UsefulWorkRates:
+    """The benchmark rates that turn a stage's tokens into the seconds of useful work they need
+    (``useful_fraction`` in tables/stages.csv): measured on the 2-core CPU box by
+    ``python -m jobs.bench dpo`` (a training step's tokens/s) and ``python -m jobs.bench generate``
+    (vLLM generation tokens/s). Set them to your machine's figures."""
+    train_tokens_per_s: float = 179.0
+    generate_tokens_per_s: float = 749.0
 
 
 @dataclass
@@ -37,32 +82,55 @@ class CompareConfig:
     model: str = "smollm2"                 # the pretrained model SFT starts from
     gold_scorer: str = "vader"             # the gold reward: labels preferences, judges every policy
     prompts: DataConfig = field(default_factory=lambda: DataConfig(train="demo", eval_fraction=0.2))
-    # Each stage's section holds overrides for that job's config (see jobs/presets/*.yaml for keys).
+    methods: list[str] = field(default_factory=lambda: ["ppo", "ppo_gt", "dpo", "preferred_ft", "best_of_n"])
+    # Sweeps: one run per value. KL coefficients for PPO (learned reward) and the critic-free methods
+    # (rloo, grpo, dr_grpo, reinforce_pp), β for DPO and online DPO. PPO-GT: None = the middle PPO coefficient.
+    ppo_kl_coefs: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.2])
+    ppo_gt_kl_coefs: list[float] | None = None
+    dpo_betas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.5])
+    pg_kl_coefs: list[float] = field(default_factory=lambda: [0.05])
+    online_dpo_betas: list[float] = field(default_factory=lambda: [0.1])
+    # Each stage's section holds overrides for that job's config (see jobs/presets/*.yaml for keys);
+    # ``snapshot_steps`` in a training section adds its intermediate policies to the evaluation.
     sft: dict[str, Any] | None = None      # None: ``model`` is already the SFT policy (no SFT stage)
     preference: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     reward: dict[str, Any] = field(default_factory=dict)
     ppo: dict[str, Any] = field(default_factory=dict)
-    ppo_kl_coefs: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.2])
-    ppo_gold: bool = True                  # also PPO-GT: PPO on the gold reward
     dpo: dict[str, Any] = field(default_factory=dict)
-    dpo_betas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.5])
-    preferred_ft: dict[str, Any] | None = field(default_factory=dict)  # None: skip Preferred-FT
-    best_of_n: dict[str, Any] | None = field(default_factory=dict)     # None: skip Best-of-N
+    policy_gradient: dict[str, Any] = field(default_factory=dict)
+    online_dpo: dict[str, Any] = field(default_factory=dict)
+    preferred_ft: dict[str, Any] = field(default_factory=dict)
+    best_of_n: dict[str, Any] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    useful_work: UsefulWorkRates = field(default_factory=UsefulWorkRates)
     generation_backend: str = "auto"       # hf | vllm | auto (vLLM where installed and able to host the model)
     torch_threads: int | None = None
     address: str | None = None
+
+    def gt_coefs(self) -> list[float]:
+        if self.ppo_gt_kl_coefs is not None:
+            return self.ppo_gt_kl_coefs
+        return [sorted(self.ppo_kl_coefs)[len(self.ppo_kl_coefs) // 2]] if self.ppo_kl_coefs else [0.05]
 
     def validate(self) -> None:
         self.prompts.validate()
         self.preference.validate()
         self.eval.validate()
-        if not self.ppo_kl_coefs and not self.dpo_betas:
-            raise ConfigError("ppo_kl_coefs and dpo_betas are both empty: nothing to compare")
-        if any(c < 0 for c in self.ppo_kl_coefs):
-            raise ConfigError(f"ppo_kl_coefs must be >= 0, got {self.ppo_kl_coefs}")
-        if any(b <= 0 for b in self.dpo_betas):
-            raise ConfigError(f"dpo_betas must be > 0, got {self.dpo_betas}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"methods: unknown {unknown} (known: {', '.join(METHODS)})")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods: repeated entries in {self.methods}")
+        trained = [m for m in self.methods if m != "best_of_n"]
+        if not trained:
+            raise ConfigError("methods: nothing to compare (name at least one trained method)")
+        for method in trained:
+            sweep = METHODS[method][1]
+            values = self.gt_coefs() if method == "ppo_gt" else (getattr(self, sweep) if sweep else [None])
+            if not values:
+                raise ConfigError(f"{sweep} is empty but methods includes {method}")
+            if sweep and any(v < 0 or (v == 0 and "beta" in sweep) for v in values):
+                raise ConfigError(f"{sweep} must be {'> 0' if 'beta' in sweep else '>= 0'}, got {values}")
         if self.prompts.eval_fraction <= 0 and not self.prompts.eval:
             raise ConfigError("prompts.eval_fraction must be > 0 (or prompts.eval set): evaluation needs held-out prompts")
         check_stage_sections(self)
@@ -72,131 +140,85 @@ def check_stage_sections(config: CompareConfig) -> None:
     """Build every stage's section against its job's dataclass now, so a bad key or type anywhere in a
     preset (``dpo.betaa``) fails before any actor starts, not after the stages before it have run.
     Keys and types only: a job's own validate() needs paths (pairs, checkpoints) that earlier stages write."""
-    from jobs.drivers.best_of_n import BestOfNConfig
-    from jobs.drivers.dpo import DPOConfig
-    from jobs.drivers.ppo import PPOConfig
-    from jobs.drivers.reward import RewardTrainConfig
-    from jobs.drivers.sft import SFTConfig
-    from jobs.run.config import _build
-
-    sections = {"sft": (SFTConfig, config.sft), "reward": (RewardTrainConfig, config.reward),
-                "ppo": (PPOConfig, config.ppo), "dpo": (DPOConfig, config.dpo),
-                "preferred_ft": (SFTConfig, config.preferred_ft), "best_of_n": (BestOfNConfig, config.best_of_n)}
-    for section, (cls, values) in sections.items():
+    for section, cls in SECTION_CLASSES.items():
+        values = getattr(config, section)
         if values:
             _build(cls, values, section)
 
 
-# -- stages -----------------------------------------------------------------------------------------
-@dataclass
-class StageResult:
-    name: str
-    folder: Path
-    summary: dict
-    compute: dict          # wall_s, cpu_s (driver + actors), device_s
-    skipped: bool
-
-
-class StageRunner:
-    """Runs a stage once per config: ``stages/<name>-<hash>/stage.json`` marks it finished."""
-
-    def __init__(self, root: Path):
-        self.root = root / "stages"
-        self.results: dict[str, StageResult] = {}
-
-    def run(self, name: str, key: Any, fn: Callable[[Path], dict]) -> StageResult:
-        folder = self.root / f"{name}-{config_hash(key)}"
-        marker = folder / "stage.json"
-        if marker.exists():
-            record = json.loads(marker.read_text())
-            result = StageResult(name, folder, record["summary"], record["compute"], True)
-            print(f"[stage] {name}: finished earlier, skipped ({folder.name})")
-        else:
-            print(f"[stage] {name}: running ({folder.name})")
-            folder.mkdir(parents=True, exist_ok=True)
-            before, cpu0, t0 = dict(COMPUTE_LEDGER.snapshot()), time.process_time(), time.perf_counter()
-            summary = fn(folder)
-            after = COMPUTE_LEDGER.snapshot()
-            compute = {"wall_s": time.perf_counter() - t0,
-                       "cpu_s": time.process_time() - cpu0 + after["cpu_s"] - before["cpu_s"],
-                       "device_s": after["device_s"] - before["device_s"]}
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"name": name, "summary": summary, "compute": compute}, indent=2, default=float))
-            tmp.rename(marker)  # atomic: a stage interrupted mid-way is rerun, never half-trusted
-            result = StageResult(name, folder, summary, compute, False)
-            print(f"[stage] {name}: done in {compute['wall_s']:.0f} s")
-        self.results[name] = result
-        return result
-
-
-def _job_config(cls, base: dict, overrides: dict | None):
-    """A job's config from the comparison's choices (``base``) and the preset's section (``overrides``)."""
-    merged = _deep_merge(dict(overrides or {}), base)
-    return build_config(cls, None, [f"{k}={json.dumps(v)}" for k, v in _flatten(merged).items()])
-
-
-def _deep_merge(low: dict, high: dict) -> dict:
-    out = dict(low)
-    for key, value in high.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value and key not in ("columns",):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _run_job(runner: StageRunner, name: str, cls, base: dict, overrides: dict | None, train: Callable) -> StageResult:
-    """A job (sft / reward / ppo / dpo) as a stage: its config hash names the folder it writes into."""
-    config = _job_config(cls, {**base, "run_name": name, "output_dir": ""}, overrides)
-
-    def go(folder: Path) -> dict:
-        return train(dataclasses.replace(config, output_dir=str(folder.parent), run_name=folder.name))
-
-    return runner.run(name, config, go)
-
-
 # -- the experiment -------------------------------------------------------------------------------
-def run_experiment(config: CompareConfig) -> dict:
-    from jobs.drivers.dpo import DPOConfig
-    from jobs.drivers.dpo import train as train_dpo
-    from jobs.drivers.ppo import PPOConfig
-    from jobs.drivers.ppo import train as train_ppo
-    from jobs.drivers.reward import RewardTrainConfig
-    from jobs.drivers.reward import train as train_reward
-    from jobs.drivers.sft import SFTConfig
-    from jobs.drivers.sft import train as train_sft
+def _policy_entries(name: str, label: str, param, result: StageResult, stages: list[str], steps: int | None) -> dict:
+    """A trained run's final policy and every snapshot it saved, as evaluation entries. A snapshot at
+    step s of S is charged s/S of its run's own compute (the stages it depends on in full)."""
+    entries = {name: {"method": label, "param": param, "step": steps, "checkpoint": result.summary["checkpoint"],
+                      "stages": stages, "own_fraction": 1.0}}
+    for step, folder in sorted((result.summary.get("snapshots") or {}).items(), key=lambda kv: int(kv[0])):
+        entries[f"{name}@{step}"] = {"method": label, "param": param, "step": int(step), "checkpoint": folder,
+                                     "stages": stages, "own_fraction": int(step) / steps if steps else 1.0}
+    return entries
 
-    root = Path(config.output_dir) / config.run_name
-    save_config(config, root)
-    init_ray(config.address, namespace=f"rayalign-{config.run_name}")
-    runner = StageRunner(root)
+
+def train_methods(runner: StageRunner, config: CompareConfig, sft_policy: str, pairs: dict, reward_model: str,
+                  deps: dict[str, list[str]]) -> dict[str, dict]:
+    """Every trained method of ``config.methods`` over its sweep: {run name: evaluation entry}."""
     common = {"seed": config.seed, "torch_threads": config.torch_threads}
-    policies: dict[str, dict] = {}  # run -> {method, param, checkpoint, stages}
+    learned = {"kind": "learned", "model": reward_model}
+    gold = {"kind": "gold", "scorer": config.gold_scorer}
+    rollout = {"model": sft_policy, "data": dataclasses.asdict(config.prompts), "eval_prompts": 0, "eval_every": 0,
+               "eval_scorer": None,  # evaluation happens once, below, for every method alike
+               "generation_backend": config.generation_backend, **common}
+    policies: dict[str, dict] = {}
+    for method in [m for m in METHODS if m in config.methods and m != "best_of_n"]:
+        label, sweep, section, prefix = METHODS[method]
+        values = config.gt_coefs() if method == "ppo_gt" else (getattr(config, sweep) if sweep else [None])
+        for value in values:
+            name = prefix if value is None else f"{prefix}{value:g}"
+            if method in ("ppo", "ppo_gt"):
+                cls, train, steps_key, stage_deps = PPOConfig, train_ppo, "steps", deps["gold" if method == "ppo_gt" else "rm"]
+                base = {**rollout, "kl": {"coef": value}, "reward": gold if method == "ppo_gt" else learned}
+            elif method in ("rloo", "grpo", "dr_grpo", "reinforce_pp"):
+                cls, train, steps_key, stage_deps = PolicyGradientConfig, train_policy_gradient, "steps", deps["rm"]
+                base = {**rollout, "advantage": method, "kl_coef": value, "reward": learned}
+            elif method in ("online_dpo", "online_dpo_gt"):
+                cls, train, steps_key = OnlineDPOConfig, train_online_dpo, "rounds"
+                stage_deps = deps["gold" if method == "online_dpo_gt" else "rm"]
+                base = {**rollout, "loss": {"beta": value}, "reward": gold if method == "online_dpo_gt" else learned}
+            elif method == "dpo":
+                cls, train, steps_key, stage_deps = DPOConfig, train_dpo, "max_steps", deps["pairs"]
+                base = {"model": sft_policy, "data": pairs, "loss": {"beta": value}, **common}
+            else:  # preferred_ft: SFT on the chosen replies
+                cls, train, steps_key, stage_deps = SFTConfig, train_sft, "max_steps", deps["pairs"]
+                base = {"model": sft_policy, "data": pairs, "target": "chosen", **common}
+            result = run_job(runner, name, cls, base, getattr(config, section), train)
+            steps = result.summary.get(steps_key) or result.summary.get("steps")
+            policies.update(_policy_entries(name, label, value, result, stage_deps + [name], steps))
+    return policies
 
-    # 1. The SFT policy (or the given model when it already is one).
-    sft_stages: list[str] = []
-    if config.sft is not None:
-        sft = _run_job(runner, "sft", SFTConfig, {"model": config.model, **common}, config.sft, train_sft)
-        sft_policy, sft_stages = sft.summary["checkpoint"], ["sft"]
-    else:
-        sft_policy = config.model
-    policies["SFT"] = {"method": "SFT", "param": None, "checkpoint": sft_policy, "stages": sft_stages}
 
-    # 2. Prompts: train prompts feed preference sampling and PPO; held-out prompts feed evaluation.
+def run_experiment(config: CompareConfig) -> dict:
+    root = Path(config.output_dir) / config.run_name
+    # Prompts first: a data error stops the run before anything is written.
     train_prompts, eval_prompts, report = load_prompt_splits(config.prompts, config.seed)
     prompt_texts = [p.prompt for p in train_prompts]
     if any(not isinstance(p, str) for p in prompt_texts):
         raise ConfigError("prompts: jobs.compare needs plain-text prompts (review openings), not chat messages")
+    save_config(config, root)
+    init_ray(config.address, namespace=f"rayalign-{config.run_name}")
+    runner = StageRunner(root)
+    common = {"seed": config.seed, "torch_threads": config.torch_threads}
     print(f"[prompts] {len(train_prompts)} train / {len(eval_prompts)} held-out; {json.dumps(report)}")
 
-    # 3. The preference dataset: SFT samples, every pair labelled by the gold scorer.
+    # 1. The SFT policy (or the given model when it already is one).
+    sft_stages: list[str] = []
+    if config.sft is not None:
+        sft = run_job(runner, "sft", SFTConfig, {"model": config.model, **common}, config.sft, train_sft)
+        sft_policy, sft_stages = sft.summary["checkpoint"], ["sft"]
+    else:
+        sft_policy = config.model
+    policies: dict[str, dict] = {"SFT": {"method": "SFT", "param": None, "step": 0, "checkpoint": sft_policy,
+                                         "stages": sft_stages, "own_fraction": 1.0}}
+
+    # 2. The preference dataset: SFT samples of the training prompts, every pair labelled by the gold scorer.
     pref_key = {"policy": sft_policy, "gold": config.gold_scorer, "prompts": dataclasses.asdict(config.prompts),
                 "preference": dataclasses.asdict(config.preference), "seed": config.seed}
     pref = runner.run("preference_data", pref_key, lambda folder: build_preference_data(
@@ -205,81 +227,29 @@ def run_experiment(config: CompareConfig) -> dict:
     pairs = {"train": f"jsonl:{pref.summary['path']}", "eval_fraction": 0.1}
     pref_stages = sft_stages + ["preference_data"]
 
-    # 4. Reward model on the SFT backbone, normalised on SFT samples.
-    reward = _run_job(runner, "reward", RewardTrainConfig,
-                      {"model": sft_policy, "data": pairs, "normalize": {"policy": sft_policy}, **common},
-                      config.reward, train_reward)
-    rm_stages = pref_stages + ["reward"]
+    # 3. Reward model on the SFT backbone, normalised on SFT samples.
+    reward = run_job(runner, "reward", RewardTrainConfig,
+                     {"model": sft_policy, "data": pairs, "normalize": {"policy": sft_policy}, **common},
+                     config.reward, train_reward)
+    deps = {"gold": sft_stages, "pairs": pref_stages, "rm": pref_stages + ["reward"]}
 
-    # 5. PPO with the learned reward at each KL coefficient, and PPO-GT.
-    ppo_base = {"model": sft_policy, "data": dataclasses.asdict(config.prompts), "eval_prompts": 0, "eval_every": 0,
-                "eval_scorer": None,  # evaluation happens once, below, for every method alike
-                "generation_backend": config.generation_backend, **common}
-    for coef in config.ppo_kl_coefs:
-        name = f"ppo-kl{coef:g}"
-        result = _run_job(runner, name, PPOConfig, {**ppo_base, "kl": {"coef": coef},
-                                                     "reward": {"kind": "learned", "model": reward.summary["checkpoint"]}},
-                          config.ppo, train_ppo)
-        policies[name] = {"method": "PPO", "param": coef, "checkpoint": result.summary["checkpoint"],
-                          "stages": rm_stages + [name]}
-    if config.ppo_gold:
-        coef = sorted(config.ppo_kl_coefs)[len(config.ppo_kl_coefs) // 2] if config.ppo_kl_coefs else 0.05
-        name = f"ppo-gt-kl{coef:g}"
-        result = _run_job(runner, name, PPOConfig, {**ppo_base, "kl": {"coef": coef},
-                                                     "reward": {"kind": "gold", "scorer": config.gold_scorer}},
-                          config.ppo, train_ppo)
-        policies[name] = {"method": "PPO-GT", "param": coef, "checkpoint": result.summary["checkpoint"],
-                          "stages": sft_stages + [name]}
+    # 4. Every trained method over its sweep.
+    policies.update(train_methods(runner, config, sft_policy, pairs, reward.summary["checkpoint"], deps))
 
-    # 6. DPO at each β, on the same pairs.
-    for beta in config.dpo_betas:
-        name = f"dpo-beta{beta:g}"
-        result = _run_job(runner, name, DPOConfig, {"model": sft_policy, "data": pairs, "loss": {"beta": beta}, **common},
-                          config.dpo, train_dpo)
-        policies[name] = {"method": "DPO", "param": beta, "checkpoint": result.summary["checkpoint"],
-                          "stages": pref_stages + [name]}
-
-    # 7. Preferred-FT: SFT on the chosen replies.
-    if config.preferred_ft is not None:
-        result = _run_job(runner, "preferred-ft", SFTConfig, {"model": sft_policy, "data": pairs, "target": "chosen",
-                                                              **common}, config.preferred_ft, train_sft)
-        policies["preferred-ft"] = {"method": "Preferred-FT", "param": None, "checkpoint": result.summary["checkpoint"],
-                                    "stages": pref_stages + ["preferred-ft"]}
-
-    # 8. Evaluation of every policy on the held-out prompts (the SFT policy is the win-rate baseline).
+    # 5. Evaluation of every policy on the held-out prompts (the SFT policy is the win-rate baseline).
     tokenizer = load_tokenizer(sft_policy)
     eval_ids = [tokenizer(p.prompt, add_special_tokens=True)["input_ids"] for p in eval_prompts][: config.eval.num_prompts]
-    evaluations: dict[str, pd.DataFrame] = {}
-    shared: dict[str, ActorGroup] = {}  # the judge, started on first need
+    evaluations = evaluate_all(runner, config, policies, sft_policy, eval_ids)
 
-    def shared_actors() -> dict[str, ActorGroup]:
-        if not shared:
-            shared["judge"] = gold_judge(config.gold_scorer, sft_policy)
-        return shared
-
-    for run, info in policies.items():
-        key = {"policy": info["checkpoint"], "reference": sft_policy, "eval": dataclasses.asdict(config.eval),
-               "prompts": eval_ids, "gold": config.gold_scorer, "seed": policy_seed(config.seed, run)}
-
-        def go(folder: Path, info=info, run=run) -> dict:
-            actors = shared_actors()
-            samples = evaluate_policy(info["checkpoint"], eval_ids, config.eval, judge=actors["judge"],
-                                      reference=sft_policy, seed=policy_seed(config.seed, run),
-                                      torch_threads=config.torch_threads, backend=config.generation_backend)
-            samples.to_parquet(folder / "samples.parquet")
-            return {"samples_path": str(folder / "samples.parquet"), **summarize(samples, config.eval, config.seed)}
-
-        result = runner.run(f"eval-{run}", key, go)
-        evaluations[run] = pd.read_parquet(result.summary["samples_path"])
-    for group in shared.values():
-        group.shutdown()
-
-    # 9. Best-of-N with the learned reward (its own sampling; KL is analytic).
-    best_of_n_rows = _best_of_n_stage(runner, config, sft_policy, reward.summary["checkpoint"], eval_ids, rm_stages)
-
-    from jobs.experiment.report import write_report
-
-    report_path = write_report(root, config, policies, evaluations, runner.results, best_of_n_rows)
+    # 6. Best-of-N with the learned reward (its own sampling; KL is analytic). Its pool (SFT samples of
+    # the evaluation prompts, scored by both the reward model and the gold scorer) is also where the
+    # reward model's rank correlation with gold is measured.
+    best_of_n_rows, pool = _best_of_n_stage(runner, config, sft_policy, reward.summary["checkpoint"], deps["rm"])
+    diagnostics = reward_model_diagnostics(reward.summary, pool, gap=config.preference.min_gap, seed=config.seed)
+    bon_differences = None if pool is None else best_of_n_differences(pool, int(pool["sample_index"].max()) + 1,
+                                                                      seed=config.seed)
+    report_path = write_report(root, config, policies, evaluations, runner.results, best_of_n_rows,
+                               reward_model=diagnostics, best_of_n_differences=bon_differences)
     examples = pd.read_csv(root / "tables" / "examples.csv", keep_default_na=False)
     for _, row in examples.groupby("run").head(1).iterrows():
         print(f"[sample] {row['run']:>14}: {row['prompt']!r} -> {row['continuation']!r} (gold {row['gold']:+.3f})")
@@ -288,21 +258,54 @@ def run_experiment(config: CompareConfig) -> dict:
     return {"report": str(report_path), "stages": {k: v.skipped for k, v in runner.results.items()}}
 
 
-def _best_of_n_stage(runner: StageRunner, config: CompareConfig, sft_policy: str, reward_model: str,
-                     eval_ids: list[list[int]], stages: list[str]) -> pd.DataFrame | None:
-    if config.best_of_n is None:
-        return None
-    from jobs.drivers.best_of_n import BestOfNConfig
-    from jobs.drivers.best_of_n import train as run_best_of_n
+def evaluate_all(runner: StageRunner, config: CompareConfig, policies: dict, sft_policy: str,
+                 eval_ids: list[list[int]]) -> dict[str, pd.DataFrame]:
+    """Each policy's held-out samples, one cached stage per policy, all through one evaluator."""
+    evaluations: dict[str, pd.DataFrame] = {}
+    shared: dict[str, Any] = {}  # the judge and one evaluator for every policy, started on first need
 
+    def evaluator() -> PolicyEvaluator:
+        if not shared:
+            shared["judge"] = gold_judge(config.gold_scorer, sft_policy)
+            shared["evaluator"] = PolicyEvaluator(sft_policy, config.eval, shared["judge"],
+                                                  torch_threads=config.torch_threads, backend=config.generation_backend,
+                                                  generation_options=config.eval.generation_options or None)
+        return shared["evaluator"]
+
+    try:
+        for run, info in policies.items():
+            key = {"policy": info["checkpoint"], "reference": sft_policy, "eval": dataclasses.asdict(config.eval),
+                   "prompts": eval_ids, "gold": config.gold_scorer, "seed": policy_seed(config.seed, run)}
+
+            def go(folder: Path, info=info, run=run) -> dict:
+                samples = evaluator().evaluate(info["checkpoint"], eval_ids, seed=policy_seed(config.seed, run))
+                samples.to_parquet(folder / "samples.parquet")
+                return {"samples_path": str(folder / "samples.parquet"),
+                        "tokens_generated": int(samples["response_ids"].map(len).sum()),
+                        **summarize(samples, config.eval, config.seed)}
+
+            result = runner.run(f"eval-{run}", key, go)
+            evaluations[run] = pd.read_parquet(result.summary["samples_path"])
+    finally:
+        if shared:
+            shared["evaluator"].shutdown()
+            shared["judge"].shutdown()
+    return evaluations
+
+
+def _best_of_n_stage(runner: StageRunner, config: CompareConfig, sft_policy: str, reward_model: str,
+                     stages: list[str]) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The Best-of-N table and its pool of scored samples (None, None when the method is not chosen)."""
+    if "best_of_n" not in config.methods:
+        return None, None
     base = {"model": sft_policy, "reward": {"kind": "learned", "model": reward_model}, "gold_scorer": config.gold_scorer,
             "data": dataclasses.asdict(config.prompts), "split": "eval", "num_prompts": config.eval.num_prompts,
             "max_new_tokens": config.eval.max_new_tokens,
             "seed": config.seed, "torch_threads": config.torch_threads, "backend": config.generation_backend}
-    result = _run_job(runner, "best-of-n", BestOfNConfig, base, config.best_of_n, run_best_of_n)
+    result = run_job(runner, "best-of-n", BestOfNConfig, base, config.best_of_n, run_best_of_n)
     table = pd.read_csv(result.summary["csv"])
     table["stages"] = [stages + ["best-of-n"]] * len(table)
-    return table
+    return table, pd.read_parquet(Path(result.summary["csv"]).parent / "samples.parquet")
 
 
 def main(argv=None) -> int:

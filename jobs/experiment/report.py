@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 
 import matplotlib
@@ -17,10 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from jobs.experiment.evaluate import summarize, win_rates  # noqa: E402
+from jobs.experiment.reward_diagnostics import reward_model_sentences  # noqa: E402
 from jobs.experiment.stats import paired_difference, significant  # noqa: E402
 
 METHOD_COLORS = {"SFT": "#555555", "PPO": "#1f77b4", "PPO-GT": "#17becf", "DPO": "#d62728",
-                 "Preferred-FT": "#2ca02c", "Best-of-N": "#9467bd"}
+                 "Preferred-FT": "#2ca02c", "Best-of-N": "#9467bd", "RLOO": "#ff7f0e", "GRPO": "#8c564b",
+                 "Dr. GRPO": "#bcbd22", "REINFORCE++": "#e377c2", "Online DPO": "#7f0000", "Online DPO-GT": "#ff9896"}
 TOKEN_KEYS = ("tokens_generated", "tokens_trained")
 
 
@@ -35,14 +38,18 @@ def _stage_compute(stages: dict, names: list[str]) -> dict:
     return total
 
 
-def build_tables(config, policies: dict, evaluations: dict, stages: dict, best_of_n: pd.DataFrame | None) -> dict:
+def build_tables(config, policies: dict, evaluations: dict, stages: dict, best_of_n: pd.DataFrame | None,
+                 best_of_n_differences: pd.DataFrame | None = None) -> dict:
     rows, wins = [], []
     baseline = evaluations["SFT"]
     for run, info in policies.items():
         metrics = summarize(evaluations[run], config.eval, config.seed)
-        own = _stage_compute(stages, info["stages"][-1:]) if info["stages"] else _stage_compute(stages, [])
-        total = _stage_compute(stages, info["stages"])
-        rows.append({"run": run, "method": info["method"], "param": info["param"], **metrics,
+        # A snapshot at step s of S is charged s/S of its run's own stage; the stages it depends on in full.
+        fraction = info.get("own_fraction", 1.0)
+        own = {k: v * fraction for k, v in _stage_compute(stages, info["stages"][-1:]).items()}
+        deps = _stage_compute(stages, info["stages"][:-1])
+        total = {k: deps[k] + own[k] for k in own}
+        rows.append({"run": run, "method": info["method"], "param": info["param"], "step": info.get("step"), **metrics,
                      **{f"own_{k}": v for k, v in own.items()}, **{f"total_{k}": v for k, v in total.items()},
                      "stages": "+".join(info["stages"])})
         table = win_rates(evaluations[run], baseline, config.seed)
@@ -63,10 +70,32 @@ def build_tables(config, policies: dict, evaluations: dict, stages: dict, best_o
         tables["best_of_n"] = bon.drop(columns=["stages"])
     tables["compute_matched"] = compute_matched(runs)
     tables["differences"] = paired_differences(runs, evaluations, config.eval.kl_temperature, config.seed)
+    if best_of_n_differences is not None and not best_of_n_differences.empty:
+        bon_t = float((config.best_of_n or {}).get("temperature", 1.0))
+        tables["differences"] = pd.concat([tables["differences"], best_of_n_differences.assign(temperature=bon_t)[
+            ["a", "b", "temperature", "diff", "ci_low", "ci_high"]]], ignore_index=True)
     tables["examples"] = example_continuations(policies, evaluations, config.eval.kl_temperature)
-    tables["stages"] = pd.DataFrame([{"stage": s.name, "skipped": s.skipped, **s.compute,
-                                      **{k: s.summary.get(k) for k in TOKEN_KEYS}} for s in stages.values()])
+    tables["stages"] = stage_table(stages, config.useful_work)
     return tables
+
+
+def stage_table(stages: dict, rates) -> pd.DataFrame:
+    """Per stage and in total: wall seconds, tokens trained and generated, and ``useful_fraction``, the
+    share of the wall time that this machine's benchmark rates account for (tokens trained at the
+    training step's tokens/s plus tokens generated at the generator's tokens/s): the rest is fixed cost
+    (process and engine start, model loads, weight syncs, small-batch overhead)."""
+    rows = []
+    for s in stages.values():
+        row = {"stage": s.name, "skipped": s.skipped, **s.compute,
+               **{k: int(s.summary.get(k, 0) or 0) for k in TOKEN_KEYS}}
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["stage", "skipped", "wall_s", "cpu_s", "device_s", *TOKEN_KEYS])
+    total = frame[~frame["skipped"]].sum(numeric_only=True)
+    frame = pd.concat([frame, pd.DataFrame([{"stage": "total (stages run now)", "skipped": False, **total.to_dict()}])],
+                      ignore_index=True)
+    work_s = frame["tokens_trained"] / rates.train_tokens_per_s + frame["tokens_generated"] / rates.generate_tokens_per_s
+    frame["useful_fraction"] = (work_s / frame["wall_s"].where(frame["wall_s"] > 0)).clip(upper=1.0)
+    return frame
 
 
 def paired_differences(runs: pd.DataFrame, evaluations: dict, temperature: float, seed: int = 0) -> pd.DataFrame:
@@ -260,8 +289,9 @@ def _table_html(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, classes="t")
 
 
-def write_report(root: Path, config, policies, evaluations, stages, best_of_n) -> Path:
-    tables = build_tables(config, policies, evaluations, stages, best_of_n)
+def write_report(root: Path, config, policies, evaluations, stages, best_of_n, *, reward_model: dict | None = None,
+                 best_of_n_differences: pd.DataFrame | None = None) -> Path:
+    tables = build_tables(config, policies, evaluations, stages, best_of_n, best_of_n_differences)
     table_dir = root / "tables"
     table_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in tables.items():
@@ -270,7 +300,10 @@ def write_report(root: Path, config, policies, evaluations, stages, best_of_n) -
     plots = {"Reward–KL frontier": plot_frontier(tables), "Win rate vs temperature": plot_win_rates(tables),
              "Reward vs compute": plot_reward_vs_compute(tables), "Best-of-N vs N": plot_best_of_n(tables)}
     sentences = summary_sentences(tables)
-    columns = ["run", "method", "param", "gold_reward", "gold_reward_ci_low", "gold_reward_ci_high", "kl_exact",
+    if reward_model is not None:
+        (table_dir / "reward_model.json").write_text(json.dumps(reward_model, indent=2, default=float))
+        sentences += reward_model_sentences(reward_model, best_of_n_differences)
+    columns = ["run", "method", "param", "step", "gold_reward", "gold_reward_ci_low", "gold_reward_ci_high", "kl_exact",
                "kl_exact_ci_low", "kl_exact_ci_high", "kl", "kl_ci_low", "kl_ci_high", "samples", "total_wall_s", "total_cpu_s", "total_tokens_generated", "total_tokens_trained"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>rayalign comparison</title>",
@@ -289,6 +322,9 @@ def write_report(root: Path, config, policies, evaluations, stages, best_of_n) -
         "<h2>Compute-matched</h2>" + _table_html(tables["compute_matched"]),
         "<h2>Win rates against SFT</h2>" + _table_html(tables["win_rates"]),
     ]
+    parts.append("<h2>Paired differences (gold reward, prompt-level bootstrap)</h2>" + _table_html(tables["differences"]))
+    if reward_model is not None:
+        parts.append("<h2>Reward model</h2>" + _table_html(pd.DataFrame([reward_model])))
     if "best_of_n" in tables:
         parts.append("<h2>Best-of-N</h2>" + _table_html(tables["best_of_n"]))
     parts.append("<h2>Example continuations</h2>" + _table_html(tables["examples"]))
