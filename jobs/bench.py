@@ -4,6 +4,7 @@
     python -m jobs.bench dpo [--model smollm2] [--sequences 8] [--seq-len 256]
     python -m jobs.bench dpo --peer trl [--model smollm2] [--pairs 8] [--seq-len 256] [--bf16]
     python -m jobs.bench ppo [--model smollm2] [--prompts 16] [--new-tokens 48]
+    python -m jobs.bench ppo --compare [--fast lora,critic_freeze,gen_threads] [--levers all] [--steps 3]
     python -m jobs.bench memory [--model smollm2] [--settings baseline,gradient_checkpointing,...] [--pairs 4]
 
 Targets are checked here, never by timed assertions in tests.

@@ -81,3 +81,31 @@ def test_dpo_peer_bench_honours_bf16_on_both_sides():
     # Both sides still agree to bf16 rounding (8 mantissa bits: relative 4e-3 per logit, under 1.0
     # absolute over a sum of ~20 log-probs near -6 each).
     assert bf16["rayalign_first_step"]["logps/chosen"] == pytest.approx(bf16["trl_first_step"]["logps/chosen"], abs=1.0)
+
+
+def test_ppo_compare_bench_runs_today_and_fast_settings_at_both_sizes(tmp_path):
+    """`jobs.bench ppo --compare` at tiny size: both settings at both sizes on the same prompts, tokens and
+    epochs, each step's phases and the ratios in the JSON (no timed assertions), and a lever alone."""
+    out = tmp_path / "ppo.json"
+    assert main(["ppo", "--compare", "--model", "tiny", "--backend", "hf", "--steps", "2", "--threads", "1",
+                 "--prompts", "2", "--new-tokens", "4", "--epochs", "1", "--minibatch", "2",
+                 "--demo-prompts", "2", "--demo-new-tokens", "3", "--demo-epochs", "1", "--demo-minibatch", "2",
+                 "--fast", "lora,critic_freeze", "--levers", "critic_freeze", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    settings = result["settings"]
+    assert sorted(settings) == ["fast_bench_size", "fast_demo_size", "today_bench_size", "today_demo_size"]
+    for size in ("bench_size", "demo_size"):
+        today, fast = settings[f"today_{size}"], settings[f"fast_{size}"]
+        for key in ("prompts", "new_tokens", "epochs", "minibatch"):
+            assert today[key] == fast[key], key
+        assert len(today["all_steps_s"]) == len(fast["all_steps_s"]) == 2  # one warm-up, one timed step
+        assert result[f"speedup_{size}"] == pytest.approx(today["step_s"] / fast["step_s"])
+        assert sum(fast["phase_share"].values()) == pytest.approx(1.0, abs=1e-6) or fast["phase_s"]["other"] == 0
+        # LoRA: the policy is its own reference (no ReferenceActor); merged weights reach the HF generator.
+        assert "reference" in today["roles"] and "reference" not in fast["roles"]
+        assert today["weight_sync"] == "full" and fast["weight_sync"] == "merged_lora"
+    assert settings["today_bench_size"]["new_tokens"] == 4 and settings["today_demo_size"]["new_tokens"] == 3
+    assert result["sync_share_demo_size"] == settings["fast_demo_size"]["phase_share"]["sync_weights"]
+    assert "critic.freeze_layers=1" in result["fast_overrides"]
+    lever = result["levers_alone_demo_size"]["critic_freeze"]
+    assert lever["speedup_vs_today"] > 0 and isinstance(lever["pays"], bool)
