@@ -22,8 +22,9 @@ from pathlib import Path
 
 WALL_PHASES = ("generate", "score", "advantages", "update", "sync_weights")
 ACTOR_PHASES = ("old_logprobs", "ref", "reward", "values", "update_actor", "update_critic")
-# What the fast setting uses unless --fast says otherwise: the levers the --levers runs measured to pay here.
-FAST_LEVERS = ("lora", "critic_freeze", "gen_threads")
+# What the fast setting uses unless --fast says otherwise. Measured at the demo's size (README): lora +
+# critic_freeze 1.46x; adding gen_threads made generation 36x slower on the shared 2-core machine.
+FAST_LEVERS = ("lora", "critic_freeze")
 
 
 def lever_overrides(model: str) -> dict[str, list[str]]:
