@@ -28,21 +28,21 @@ from actors.generation import GENERATION_BACKENDS, generate_sharded
 from actors.math.batch import collate_pairs
 from actors.math.dpo_losses import REFERENCE_FREE_VARIANTS
 from actors.math.online_pairs import best_worst_pairs
-from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig
-from actors.runtime import rng_state, set_rng_state
+from actors.runtime import rng_state
 from actors.sampling import Completion, SamplingConfig
-from jobs.data.source import DataConfig, load_prompt_splits
+from jobs.data.source import DataConfig
 from jobs.drivers.dpo import DPOLossConfig
 from jobs.drivers.ppo import Fleet, build_fleet, evaluate
 from jobs.drivers.ppo_config import RewardConfig
-from jobs.run.batching import TokenizeConfig, encode_prompt
+from jobs.run.batching import TokenizeConfig
 from jobs.run.snapshots import check_snapshot_steps, save_snapshot_if_due, saved_snapshots
-from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
-from jobs.run.cluster import TrainingRoleConfig, check_placement, init_ray
+from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter
+from jobs.run.cluster import TrainingRoleConfig, check_placement
 from jobs.run.config import ConfigError, check_model, check_reward_source, check_scorer, run_cli, save_config
-from jobs.run.faults import FaultConfig, FaultInjector, NonFiniteGuard, run_with_recovery
+from jobs.run.faults import FaultConfig, FaultInjector, NonFiniteGuard
 from jobs.run.metrics import MetricsLogger
+from jobs.run.prompt_run import resume_policy_run, run_prompt_job
 from jobs.run.sampler import ShuffledBatches
 
 
@@ -135,23 +135,7 @@ def round_metrics(steps: list[dict]) -> dict:
 def train(config: OnlineDPOConfig) -> dict:
     """Run online DPO end to end (resuming and recovering from dead actors as configured); returns the summary
     written to ``summary.json``."""
-    out = Path(config.output_dir) / config.run_name
-    tokenizer = load_tokenizer(config.model)
-    pad_id = tokenizer.pad_token_id
-    train_prompts, eval_prompts, report = load_prompt_splits(config.data, config.seed)
-    encode = lambda records: [encode_prompt(tokenizer, r.prompt, config.tokenize)[-config.tokenize.max_prompt_length:]
-                              for r in records]
-    train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)[: config.eval_prompts]
-    if not train_ids:
-        raise ConfigError(f"data.train: no prompts in {config.data.train!r}")
-    print(f"[data] {len(train_ids)} train / {len(eval_ids)} eval prompts; {json.dumps(report)}")
-    resume_from = resolve_resume(out, config.checkpoint.resume)
-    save_config(config, out)  # the first write, once config and data are checked: a failed start writes nothing
-    init_ray(config.address, namespace=f"rayalign-{config.run_name}")
-    faults = FaultInjector(config.faults)
-    return run_with_recovery(
-        lambda start, recoveries: _train_attempt(config, pad_id, train_ids, eval_ids, start, recoveries, faults),
-        run_dir=out, resume_from=resume_from, max_recoveries=config.faults.max_recoveries)
+    return run_prompt_job(config, _train_attempt)
 
 
 def _label_round(fleet: Fleet, config: OnlineDPOConfig, completions: list[Completion], pad_id: int):
@@ -192,15 +176,7 @@ def _train_attempt(config: OnlineDPOConfig, pad_id: int, train_ids, eval_ids, re
                  "first_eval": {}, "last_eval": {}}
         rows, wall_before = None, 0.0
         if resume_from is not None:
-            check_resume(resume_from, config)
-            driver = load_driver_state(resume_from)
-            state, rows, wall_before = driver["state"], driver["metrics"], driver["wall_s"]
-            fleet.policy.run_one("load_state", str(resume_from / "policy"))
-            fleet.push_weights(state["round"])
-            prompt_batches.load_state_dict(driver["batches"])
-            guard.load_state_dict(driver["guard"])
-            set_rng_state(driver["rng"])
-            print(f"[resume] from {resume_from} at round {state['round']}")
+            state, rows, wall_before = resume_policy_run(resume_from, config, fleet, prompt_batches, guard, "round")
         logger = MetricsLogger(out, resume_rows=rows)
         start_all = time.perf_counter()
         if resume_from is None:

@@ -25,24 +25,24 @@ from actors.generation import GENERATION_BACKENDS, GenerationActor, generate_sha
 from actors.group import ActorGroup, ActorResources
 from actors.math.advantages import ESTIMATORS, reinforce_pp_advantages, sequence_advantages, to_tokens
 from actors.math.ppo_math import kl_estimate, masked_mean
-from actors.models import load_tokenizer
 from actors.optim import OptimizerConfig
 from actors.policy import PolicyActor
 from actors.ppo_update import PPOUpdateConfig
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
-from actors.runtime import rng_state, set_rng_state
+from actors.runtime import rng_state
 from actors.sampling import SamplingConfig
-from jobs.data.source import DataConfig, load_prompt_splits
+from jobs.data.source import DataConfig
 from jobs.drivers.ppo import Fleet, evaluate, make_rollout
 from jobs.drivers.ppo_config import RewardConfig, check_on_policy_sampling, check_update
-from jobs.run.batching import TokenizeConfig, encode_prompt
+from jobs.run.batching import TokenizeConfig
 from jobs.run.snapshots import check_snapshot_steps, save_snapshot_if_due, saved_snapshots
-from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter, check_resume, load_driver_state, resolve_resume
-from jobs.run.cluster import init_ray, role_resources
+from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter
+from jobs.run.cluster import role_resources
 from jobs.run.config import ConfigError, check_model, check_scorer, run_cli, save_config
-from jobs.run.faults import FaultConfig, FaultInjector, NonFiniteGuard, run_with_recovery
+from jobs.run.faults import FaultConfig, FaultInjector, NonFiniteGuard
 from jobs.run.metrics import MetricsLogger
+from jobs.run.prompt_run import resume_policy_run, run_prompt_job
 from jobs.run.sampler import ShuffledBatches
 
 # Where each estimator puts the KL to the reference (its paper's choice).
@@ -204,23 +204,7 @@ def compute_advantages(config: PolicyGradientConfig, scores: torch.Tensor, old_l
 
 
 def train(config: PolicyGradientConfig) -> dict:
-    out = Path(config.output_dir) / config.run_name
-    tokenizer = load_tokenizer(config.model)
-    pad_id = tokenizer.pad_token_id
-    train_prompts, eval_prompts, report = load_prompt_splits(config.data, config.seed)
-    encode = lambda records: [encode_prompt(tokenizer, r.prompt, config.tokenize)[-config.tokenize.max_prompt_length:]
-                              for r in records]
-    train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)[: config.eval_prompts]
-    if not train_ids:
-        raise ConfigError(f"data.train: no prompts in {config.data.train!r}")
-    print(f"[data] {len(train_ids)} train / {len(eval_ids)} eval prompts; {json.dumps(report)}")
-    resume_from = resolve_resume(out, config.checkpoint.resume)
-    save_config(config, out)  # the first write, once config and data are checked: a failed start writes nothing
-    init_ray(config.address, namespace=f"rayalign-{config.run_name}")
-    faults = FaultInjector(config.faults)
-    return run_with_recovery(
-        lambda start, recoveries: _train_attempt(config, pad_id, train_ids, eval_ids, start, recoveries, faults),
-        run_dir=out, resume_from=resume_from, max_recoveries=config.faults.max_recoveries)
+    return run_prompt_job(config, _train_attempt)
 
 
 def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_ids, resume_from: Path | None,
@@ -236,15 +220,7 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
         state = {"step": 0, "tokens_generated": 0, "first_eval": {}, "last_eval": {}}
         rows, wall_before = None, 0.0
         if resume_from is not None:
-            check_resume(resume_from, config)
-            driver = load_driver_state(resume_from)
-            state, rows, wall_before = driver["state"], driver["metrics"], driver["wall_s"]
-            fleet.policy.run_one("load_state", str(resume_from / "policy"))
-            fleet.push_weights(state["step"])
-            prompt_batches.load_state_dict(driver["batches"])
-            guard.load_state_dict(driver["guard"])
-            set_rng_state(driver["rng"])
-            print(f"[resume] from {resume_from} at step {state['step']}")
+            state, rows, wall_before = resume_policy_run(resume_from, config, fleet, prompt_batches, guard, "step")
         logger = MetricsLogger(out, resume_rows=rows)
         start_all = time.perf_counter()
         if resume_from is None:

@@ -27,23 +27,21 @@ from actors.group import ActorGroup, ActorResources
 from actors.math.batch import collate_sequences
 from actors.math.ppo_math import (AdaptiveKLController, FixedKLController, gae_advantages, kl_estimate,
                                   kl_penalized_rewards, masked_mean, masked_whiten)
-from actors.models import load_tokenizer
 from actors.policy import PolicyActor
 from actors.ppo_update import PPOUpdateConfig
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
 from actors.runtime import rng_state, set_rng_state
 from actors.sampling import Completion
-from jobs.data.source import load_prompt_splits
 from jobs.drivers.ppo_config import PPOConfig
 from jobs.experiment.stats import bootstrap_ci
-from jobs.run.batching import encode_prompt
 from jobs.run.snapshots import save_snapshot_if_due, saved_snapshots
-from jobs.run.checkpoint import CheckpointWriter, check_resume, load_driver_state, resolve_resume
-from jobs.run.cluster import build_training_group, init_ray, role_resources
-from jobs.run.config import ConfigError, run_cli, save_config
-from jobs.run.faults import FaultInjector, NonFiniteGuard, run_with_recovery
+from jobs.run.checkpoint import CheckpointWriter, check_resume, load_driver_state
+from jobs.run.cluster import build_training_group, role_resources
+from jobs.run.config import run_cli, save_config
+from jobs.run.faults import FaultInjector, NonFiniteGuard
 from jobs.run.metrics import MetricsLogger
+from jobs.run.prompt_run import run_prompt_job
 from jobs.run.sampler import ShuffledBatches
 
 __all__ = ["PPOConfig", "train", "main", "step_ppo_args", "build_fleet", "evaluate"]
@@ -187,23 +185,7 @@ def evaluate(fleet: Fleet, prompts: list[list[int]], config: PPOConfig, pad_id: 
 def train(config: PPOConfig) -> dict:
     """Run PPO end to end (resuming and recovering from dead actors as configured); returns the summary
     written to ``summary.json``."""
-    out = Path(config.output_dir) / config.run_name
-    tokenizer = load_tokenizer(config.model)
-    pad_id = tokenizer.pad_token_id
-    train_prompts, eval_prompts, report = load_prompt_splits(config.data, config.seed)
-    encode = lambda records: [encode_prompt(tokenizer, r.prompt, config.tokenize)[-config.tokenize.max_prompt_length:]
-                              for r in records]
-    train_ids, eval_ids = encode(train_prompts), encode(eval_prompts)[: config.eval_prompts]
-    if not train_ids:
-        raise ConfigError(f"data.train: no prompts in {config.data.train!r}")
-    print(f"[data] {len(train_ids)} train / {len(eval_ids)} eval prompts; {json.dumps(report)}")
-    resume_from = resolve_resume(out, config.checkpoint.resume)
-    save_config(config, out)  # the first write, once config and data are checked: a failed start writes nothing
-    init_ray(config.address, namespace=f"rayalign-{config.run_name}")
-    faults = FaultInjector(config.faults)
-    return run_with_recovery(
-        lambda start, recoveries: _train_attempt(config, pad_id, train_ids, eval_ids, start, recoveries, faults),
-        run_dir=out, resume_from=resume_from, max_recoveries=config.faults.max_recoveries)
+    return run_prompt_job(config, _train_attempt)
 
 
 def save_checkpoint(writer: CheckpointWriter, fleet: Fleet, step: int, driver_state: dict) -> Path:
