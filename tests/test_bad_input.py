@@ -17,7 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.drivers import best_of_n, dpo, ppo, reward, sft
+from jobs.drivers import best_of_n, dpo, online_dpo, policy_gradient, ppo, reward, sft
+from jobs.drivers.online_dpo import OnlineDPOConfig
+from jobs.drivers.policy_gradient import PolicyGradientConfig
+from jobs.run import prompt_run
 from jobs.run.batching import OverlongError, TokenizeConfig, encode_pairs
 from jobs.drivers.best_of_n import BestOfNConfig
 from jobs.run.cli import DEBUG_ENV
@@ -300,9 +303,12 @@ def test_data_path_that_does_not_exist_names_the_key(tmp_path, key):
 @pytest.mark.parametrize("module, cls, preset", [
     (dpo, DPOConfig, "dpo_tiny"), (ppo, PPOConfig, "ppo_tiny"), (sft, SFTConfig, "sft_tiny"),
     (reward, RewardTrainConfig, "reward_tiny"), (best_of_n, BestOfNConfig, "best_of_n_tiny"),
-], ids=["dpo", "ppo", "sft", "reward", "best_of_n"])
+    (policy_gradient, PolicyGradientConfig, "policy_gradient_tiny"), (online_dpo, OnlineDPOConfig, "online_dpo_tiny"),
+], ids=["dpo", "ppo", "sft", "reward", "best_of_n", "policy_gradient", "online_dpo"])
 def test_every_driver_reports_a_missing_data_file_before_starting_an_actor(tmp_path, monkeypatch, module, cls, preset):
-    monkeypatch.setattr(module, "init_ray", lambda *a, **k: pytest.fail("init_ray was called"))
+    # the on-policy drivers (PPO, critic-free RL, online DPO) start Ray in their shared prompt_run
+    starts_ray = module if hasattr(module, "init_ray") else prompt_run
+    monkeypatch.setattr(starts_ray, "init_ray", lambda *a, **k: pytest.fail("init_ray was called"))
     config = build_config(cls, preset, [f"output_dir={tmp_path}", f"data.train=jsonl:{tmp_path}/missing.jsonl"])
     with pytest.raises(ConfigError, match=rf"data.train: data file not found: {tmp_path}/missing.jsonl"):
         module.train(config)

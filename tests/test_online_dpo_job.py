@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from actors.group import ActorCallError
 from actors.math.online_pairs import best_worst_pairs
 from jobs.drivers import online_dpo
+from jobs.run import prompt_run
 from jobs.drivers.online_dpo import OnlineDPOConfig, round_metrics, train
 from jobs.run.config import ConfigError, build_config
 
@@ -110,7 +111,7 @@ def test_bad_online_dpo_config_is_rejected_naming_the_key(tmp_path, override, me
 
 
 def test_samples_per_prompt_1_is_one_line_on_the_command_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(online_dpo, "init_ray", lambda *a, **k: pytest.fail("init_ray was called"))
+    monkeypatch.setattr(prompt_run, "init_ray", lambda *a, **k: pytest.fail("init_ray was called"))
     with pytest.raises(SystemExit) as caught:
         online_dpo.main(["--preset", "online_dpo_tiny", f"output_dir={tmp_path}", "samples_per_prompt=1"])
     err = capsys.readouterr().err

@@ -90,7 +90,7 @@ def stage_table(stages: dict, rates) -> pd.DataFrame:
                **{k: int(s.summary.get(k, 0) or 0) for k in TOKEN_KEYS}}
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["stage", "skipped", "wall_s", "cpu_s", "device_s", *TOKEN_KEYS])
-    total = frame[~frame["skipped"]].sum(numeric_only=True)
+    total = frame[~frame["skipped"]].drop(columns=["stage", "skipped"]).sum(numeric_only=True)
     frame = pd.concat([frame, pd.DataFrame([{"stage": "total (stages run now)", "skipped": False, **total.to_dict()}])],
                       ignore_index=True)
     work_s = frame["tokens_trained"] / rates.train_tokens_per_s + frame["tokens_generated"] / rates.generate_tokens_per_s
