@@ -13,7 +13,6 @@ import torch
 
 from actors.fsdp.state import (DCP_FOLDER, TRAINER_STATE, _load_plain_state_into_sharded, load_sharded_state,
                                save_sharded_state)
-from actors.math.batch import collate_sequences
 from actors.runtime import pick_device
 
 ROW_SHARD = "__row_shard__"       # marks a rank's share of a per-row result (logprobs, values)

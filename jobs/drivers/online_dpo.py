@@ -24,26 +24,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from actors.generation import GENERATION_BACKENDS, generate_sharded
+from actors.generation import generate_sharded
 from actors.math.batch import collate_pairs
 from actors.math.dpo_losses import REFERENCE_FREE_VARIANTS
 from actors.math.online_pairs import best_worst_pairs
 from actors.optim import OptimizerConfig
-from actors.runtime import rng_state
 from actors.sampling import Completion, SamplingConfig
 from jobs.data.source import DataConfig
 from jobs.drivers.dpo import DPOLossConfig
 from jobs.drivers.ppo import Fleet, build_fleet, evaluate
-from jobs.drivers.ppo_config import RewardConfig
+from jobs.drivers.ppo_config import RewardConfig, check_on_policy_run
 from jobs.run.batching import TokenizeConfig
-from jobs.run.snapshots import check_snapshot_steps, save_snapshot_if_due, saved_snapshots
-from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter
-from jobs.run.cluster import TrainingRoleConfig, check_placement
-from jobs.run.config import ConfigError, check_model, check_reward_source, check_scorer, run_cli, save_config
-from jobs.run.faults import FaultConfig, FaultInjector, NonFiniteGuard
-from jobs.run.metrics import MetricsLogger
-from jobs.run.prompt_run import resume_policy_run, run_prompt_job
-from jobs.run.sampler import ShuffledBatches
+from jobs.run.snapshots import saved_snapshots
+from jobs.run.checkpoint import CheckpointConfig
+from jobs.run.cluster import TrainingRoleConfig
+from jobs.run.config import ConfigError, run_cli
+from jobs.run.faults import FaultConfig, FaultInjector
+from jobs.run.prompt_run import run_prompt_job
+from jobs.run.step_loop import open_policy_loop, save_policy_only
 
 
 @dataclass
@@ -84,34 +82,13 @@ class OnlineDPOConfig:
         if self.samples_per_prompt < 2:
             raise ConfigError(f"samples_per_prompt must be >= 2 (a pair needs a best and a worst sample), "
                               f"got {self.samples_per_prompt}")
-        for key in ("prompts_per_round", "rounds", "dpo_steps_per_round", "micro_batch_size", "num_generators",
-                    "eval_samples_per_prompt"):
+        for key in ("prompts_per_round", "dpo_steps_per_round", "micro_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.min_gap < 0:
             raise ConfigError(f"min_gap must be >= 0, got {self.min_gap}")
-        if self.generation_backend not in GENERATION_BACKENDS:
-            raise ConfigError(f"generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, "
-                              f"got {self.generation_backend!r}")
-        if self.generation_backend == "hf" and self.generation_options:
-            raise ConfigError("generation_options apply to the vllm backend only (generation_backend is hf)")
-        self.policy.validate("policy")
+        check_on_policy_run(self, "rounds", ("policy", "reference", "reward", "generator", "judge"))
         self.loss.validate()
-        check_reward_source("reward", self.reward)
-        for key in ("model", "reference_model"):
-            check_model(key, getattr(self, key))
-        check_scorer("eval_scorer", self.eval_scorer)
-        check_placement(self.placement, ("policy", "reference", "reward", "generator", "judge"))
-        if self.policy.lora and self.reference_model not in (None, self.model):
-            raise ConfigError(f"reference_model: with policy.lora the reference is the policy's own base model "
-                              f"(adapters disabled), so it cannot be {self.reference_model!r}; drop reference_model")
-        self.checkpoint.validate()
-        check_snapshot_steps("snapshot_steps", self.snapshot_steps, self.rounds)
-        self.faults.validate()
-        self.data.validate()
-        self.tokenize.validate()
-        self.rollout.validate("rollout")
-        self.optimizer.validate("optimizer")
 
 
 def usable(c: Completion) -> bool:
@@ -169,19 +146,13 @@ def _train_attempt(config: OnlineDPOConfig, pad_id: int, train_ids, eval_ids, re
     try:
         loss = dataclasses.asdict(config.loss)
         k = config.samples_per_prompt
-        prompt_batches = ShuffledBatches(len(train_ids), config.prompts_per_round, config.seed)
-        guard = NonFiniteGuard(config.faults.max_nonfinite_in_row)
-        writer = CheckpointWriter(out, config.checkpoint.keep, config)
         state = {"round": 0, "tokens_generated": 0, "tokens_trained": 0, "pairs": 0, "dpo_steps": 0,
                  "first_eval": {}, "last_eval": {}}
-        rows, wall_before = None, 0.0
-        if resume_from is not None:
-            state, rows, wall_before = resume_policy_run(resume_from, config, fleet, prompt_batches, guard, "round")
-        logger = MetricsLogger(out, resume_rows=rows)
-        start_all = time.perf_counter()
+        loop = open_policy_loop(config, out, fleet, len(train_ids), config.prompts_per_round, "round", config.rounds,
+                                state, resume_from, lambda: evaluate(fleet, eval_ids, config, pad_id))
+        state, prompt_batches, guard = loop.state, loop.prompt_batches, loop.guard
+        run_eval = (lambda: evaluate(fleet, eval_ids, config, pad_id)) if eval_ids else None
         if resume_from is None:
-            state["first_eval"] = state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
-            logger.log(0, state["first_eval"])
             print(f"[eval] round 0: {json.dumps({key: round(v, 4) for key, v in state['first_eval'].items()})}")
         bar = tqdm(range(state["round"] + 1, config.rounds + 1), desc=f"online_dpo[{config.loss.variant}]",
                    unit="round", dynamic_ncols=True, initial=state["round"], total=config.rounds)
@@ -230,34 +201,17 @@ def _train_attempt(config: OnlineDPOConfig, pad_id: int, train_ids, eval_ids, re
                        "response_length/mean": generated / len(completions),
                        "perf/tokens_per_s": generated / timing["step"],
                        **{f"timing_s/{key}": v for key, v in timing.items()}}
-            guard.observe(step, index, metrics)
-            if eval_ids and ((config.eval_every and step % config.eval_every == 0) or step == config.rounds):
-                state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
-                metrics.update(state["last_eval"])
-            logger.log(step, metrics)
-            state["round"] = step
-            save_snapshot_if_due(fleet.policy, out, step, config.snapshot_steps)
-            every = config.checkpoint.every
-            if ((every and step % every == 0) or step == config.rounds) and not guard.in_row:
-                def save_actors(folder: Path) -> list[str]:
-                    fleet.policy.run_one("save_state", str(folder / "policy"))
-                    return ["policy"]
-                writer.write(step, save_actors, {
-                    "state": state, "batches": prompt_batches.state_dict(), "guard": guard.state_dict(),
-                    "metrics": logger.rows, "rng": rng_state(), "wall_s": wall_before + time.perf_counter() - start_all})
+            loop.end_step(step, index, metrics, run_eval, save_policy_only(fleet.policy))
             bar.set_postfix(score=f"{metrics['reward/score_mean']:+.3f}", pairs=len(pairs),
                             margin=f"{metrics.get('rewards/margins', 0.0):.3f}")
-        logger.close()
-        checkpoint = out / "checkpoint"
-        fleet.policy.run_one("save", str(checkpoint))
-        save_config(config, checkpoint)
+        checkpoint = loop.finish()
         weight_sync = "lora_adapters" if fleet.adapter_sync else ("merged_lora" if config.policy.lora else "full")
     finally:
         fleet.shutdown()
     summary = {"method": "online_dpo", "reward_kind": config.reward.kind, "rounds": config.rounds,
                "steps": state["dpo_steps"], "pairs": state["pairs"], "checkpoint": str(checkpoint),
                "snapshots": saved_snapshots(out, config.snapshot_steps),
-               "wall_s": wall_before + time.perf_counter() - start_all, "tokens_generated": state["tokens_generated"],
+               "wall_s": loop.wall_s(), "tokens_generated": state["tokens_generated"],
                "tokens_trained": state["tokens_trained"], "start": state["first_eval"], "end": state["last_eval"],
                "recoveries": recoveries, "resumed_from": str(resume_from) if resume_from else None,
                "faults_injected": faults.killed, "nonfinite_skipped_steps": guard.skipped_steps,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from actors.generation import GENERATION_BACKENDS, GenerationActor, generate_sharded
+from actors.generation import GenerationActor, generate_sharded
 from actors.group import ActorGroup, ActorResources
 from actors.math.advantages import ESTIMATORS, reinforce_pp_advantages, sequence_advantages, to_tokens
 from actors.math.ppo_math import kl_estimate, masked_mean
@@ -30,20 +30,18 @@ from actors.policy import PolicyActor
 from actors.ppo_update import PPOUpdateConfig
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
-from actors.runtime import rng_state
 from actors.sampling import SamplingConfig
 from jobs.data.source import DataConfig
 from jobs.drivers.ppo import Fleet, evaluate, make_rollout
-from jobs.drivers.ppo_config import RewardConfig, check_on_policy_sampling, check_update
+from jobs.drivers.ppo_config import RewardConfig, check_on_policy_run, check_on_policy_sampling, check_update
 from jobs.run.batching import TokenizeConfig
-from jobs.run.snapshots import check_snapshot_steps, save_snapshot_if_due, saved_snapshots
-from jobs.run.checkpoint import CheckpointConfig, CheckpointWriter
+from jobs.run.snapshots import saved_snapshots
+from jobs.run.checkpoint import CheckpointConfig
 from jobs.run.cluster import role_resources
-from jobs.run.config import ConfigError, check_model, check_scorer, run_cli, save_config
-from jobs.run.faults import FaultConfig, FaultInjector, NonFiniteGuard
-from jobs.run.metrics import MetricsLogger
-from jobs.run.prompt_run import resume_policy_run, run_prompt_job
-from jobs.run.sampler import ShuffledBatches
+from jobs.run.config import ConfigError, run_cli
+from jobs.run.faults import FaultConfig, FaultInjector
+from jobs.run.prompt_run import run_prompt_job
+from jobs.run.step_loop import open_policy_loop, save_policy_only
 
 # Where each estimator puts the KL to the reference (its paper's choice).
 KL_IN_LOSS = {"grpo": True, "dr_grpo": True, "rloo": False, "reinforce_pp": False}
@@ -108,11 +106,10 @@ class PolicyGradientConfig:
             raise ConfigError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        for key in ("prompts_per_step", "steps", "num_generators", "eval_samples_per_prompt"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.prompts_per_step < 1:
+            raise ConfigError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        check_on_policy_run(self, "steps", ("policy", "reference", "reward", "generator", "judge"))
         u = self.update
-        self.rollout.validate("rollout")
         check_on_policy_sampling("rollout", self.rollout)
         check_update(self.update_config(), {**{f.name: f"update.{f.name}" for f in dataclasses.fields(u)},
                                             "kl_in_loss_coef": "kl_coef", "temperature": "rollout.temperature",
@@ -122,25 +119,6 @@ class PolicyGradientConfig:
                               f"in the reward (k1): drop it")
         if not 0 <= u.gamma <= 1:
             raise ConfigError(f"update.gamma must be in [0, 1], got {u.gamma}")
-        if self.generation_backend not in GENERATION_BACKENDS:
-            raise ConfigError(f"generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, "
-                              f"got {self.generation_backend!r}")
-        if self.reward.kind not in ("gold", "learned"):
-            raise ConfigError(f"reward.kind must be gold or learned, got {self.reward.kind!r}")
-        if self.reward.kind == "learned" and not self.reward.model:
-            raise ConfigError("reward.model is required when reward.kind is learned")
-        if self.reward.kind == "gold":
-            check_scorer("reward.scorer", self.reward.scorer)
-        for key in ("model", "reference_model"):
-            check_model(key, getattr(self, key))
-        check_model("reward.model", self.reward.model)
-        check_scorer("eval_scorer", self.eval_scorer)
-        self.checkpoint.validate()
-        check_snapshot_steps("snapshot_steps", self.snapshot_steps, self.steps)
-        self.faults.validate()
-        self.data.validate()
-        self.tokenize.validate()
-        self.optimizer.validate("optimizer")
 
     def update_config(self) -> PPOUpdateConfig:
         """What the policy's ``train_ppo`` receives: the update's knobs, the KL in the loss for the estimators
@@ -214,18 +192,11 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
     try:
         kl_in_loss = KL_IN_LOSS[config.advantage]
         update = config.update_config()
-        prompt_batches = ShuffledBatches(len(train_ids), config.prompts_per_step, config.seed)
-        guard = NonFiniteGuard(config.faults.max_nonfinite_in_row)
-        writer = CheckpointWriter(out, config.checkpoint.keep, config)
         state = {"step": 0, "tokens_generated": 0, "first_eval": {}, "last_eval": {}}
-        rows, wall_before = None, 0.0
-        if resume_from is not None:
-            state, rows, wall_before = resume_policy_run(resume_from, config, fleet, prompt_batches, guard, "step")
-        logger = MetricsLogger(out, resume_rows=rows)
-        start_all = time.perf_counter()
-        if resume_from is None:
-            state["first_eval"] = state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
-            logger.log(0, state["first_eval"])
+        loop = open_policy_loop(config, out, fleet, len(train_ids), config.prompts_per_step, "step", config.steps,
+                                state, resume_from, lambda: evaluate(fleet, eval_ids, config, pad_id))
+        state, prompt_batches, guard = loop.state, loop.prompt_batches, loop.guard
+        run_eval = (lambda: evaluate(fleet, eval_ids, config, pad_id)) if eval_ids else None
         bar = tqdm(range(state["step"] + 1, config.steps + 1), desc=config.advantage, unit="step",
                    dynamic_ncols=True, initial=state["step"], total=config.steps)
         for step in bar:
@@ -288,31 +259,14 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
                        "perf/tokens_per_s": generated / timing["step"],
                        "skipped_nonfinite": actor["skipped_nonfinite"],
                        **{f"timing_s/{k}": v for k, v in timing.items()}}
-            guard.observe(step, index, metrics)
-            if eval_ids and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
-                state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
-                metrics.update(state["last_eval"])
-            logger.log(step, metrics)
-            state["step"] = step
-            save_snapshot_if_due(fleet.policy, out, step, config.snapshot_steps)
-            every = config.checkpoint.every
-            if ((every and step % every == 0) or step == config.steps) and not guard.in_row:
-                def save_actors(folder: Path) -> list[str]:
-                    fleet.policy.run_one("save_state", str(folder / "policy"))
-                    return ["policy"]
-                writer.write(step, save_actors, {
-                    "state": state, "batches": prompt_batches.state_dict(), "guard": guard.state_dict(),
-                    "metrics": logger.rows, "rng": rng_state(), "wall_s": wall_before + time.perf_counter() - start_all})
+            loop.end_step(step, index, metrics, run_eval, save_policy_only(fleet.policy))
             bar.set_postfix(score=f"{metrics['reward/score_mean']:+.3f}", kl=f"{metrics['objective/kl']:.2f}")
-        logger.close()
-        checkpoint = out / "checkpoint"
-        fleet.policy.run_one("save", str(checkpoint))
-        save_config(config, checkpoint)
+        checkpoint = loop.finish()
     finally:
         fleet.shutdown()
     summary = {"method": config.advantage, "steps": config.steps, "checkpoint": str(checkpoint),
                "snapshots": saved_snapshots(out, config.snapshot_steps),
-               "wall_s": wall_before + time.perf_counter() - start_all, "tokens_generated": state["tokens_generated"],
+               "wall_s": loop.wall_s(), "tokens_generated": state["tokens_generated"],
                "start": state["first_eval"], "end": state["last_eval"], "recoveries": recoveries,
                "resumed_from": str(resume_from) if resume_from else None, "faults_injected": faults.killed,
                "nonfinite_skipped_steps": guard.skipped_steps, "roles": sorted(fleet.groups())}

@@ -31,17 +31,18 @@ from actors.policy import PolicyActor
 from actors.ppo_update import PPOUpdateConfig
 from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
-from actors.runtime import rng_state, set_rng_state
+from actors.runtime import set_rng_state
 from actors.sampling import Completion
 from jobs.drivers.ppo_config import PPOConfig
 from jobs.experiment.stats import bootstrap_ci
-from jobs.run.snapshots import save_snapshot_if_due, saved_snapshots
+from jobs.run.snapshots import saved_snapshots
 from jobs.run.checkpoint import CheckpointWriter, check_resume, load_driver_state
 from jobs.run.cluster import build_training_group, role_resources
-from jobs.run.config import run_cli, save_config
+from jobs.run.config import run_cli
 from jobs.run.faults import FaultInjector, NonFiniteGuard
 from jobs.run.metrics import MetricsLogger
 from jobs.run.prompt_run import run_prompt_job
+from jobs.run.step_loop import SaveActors, StepLoop
 from jobs.run.sampler import ShuffledBatches
 
 __all__ = ["PPOConfig", "train", "main", "step_ppo_args", "build_fleet", "evaluate"]
@@ -188,8 +189,8 @@ def train(config: PPOConfig) -> dict:
     return run_prompt_job(config, _train_attempt)
 
 
-def save_checkpoint(writer: CheckpointWriter, fleet: Fleet, step: int, driver_state: dict) -> Path:
-    """Policy and critic states in parallel, then the driver's state and the manifest (atomically)."""
+def ppo_actor_saver(fleet: Fleet) -> SaveActors:
+    """A PPO checkpoint's actors: the policy's and the critic's training states, saved in parallel."""
 
     def save_actors(folder: Path) -> list[str]:
         refs = [fleet.policy.submit("save_state", str(folder / "policy")),
@@ -197,7 +198,7 @@ def save_checkpoint(writer: CheckpointWriter, fleet: Fleet, step: int, driver_st
         fleet.policy.get(refs, "save_state")
         return ["policy", "critic"]
 
-    return writer.write(step, save_actors, driver_state)
+    return save_actors
 
 
 def restore_checkpoint(fleet: Fleet, folder: Path, step: int) -> None:
@@ -238,7 +239,9 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
             set_rng_state(driver["rng"])
             print(f"[resume] from {resume_from} at step {state['step']}")
         logger = MetricsLogger(out, resume_rows=rows)
-        start_all = time.perf_counter()
+        loop = StepLoop(config, out, fleet.policy, prompt_batches, guard, writer, logger, state, "step", config.steps,
+                        wall_before)
+        run_eval = (lambda: evaluate(fleet, eval_ids, config, pad_id)) if eval_ids else None
         if resume_from is None:
             state["first_eval"] = state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
             logger.log(0, state["first_eval"])
@@ -328,31 +331,15 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
                 **{f"timing_s/{k}": v for k, v in timing.items()},
             }
             metrics["skipped_nonfinite"] = max(actor_metrics["skipped_nonfinite"], critic_metrics["critic/skipped_nonfinite"])
-            guard.observe(step, index, metrics)
-            if eval_ids and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
-                state["last_eval"] = evaluate(fleet, eval_ids, config, pad_id)
-                metrics.update(state["last_eval"])
-            logger.log(step, metrics)
-            state["step"] = step
-            save_snapshot_if_due(fleet.policy, out, step, config.snapshot_steps)
-            every = config.checkpoint.every
-            due = (every and step % every == 0) or step == config.steps
-            if due and not guard.in_row:  # never checkpoint in the middle of a run of skipped updates
-                save_checkpoint(writer, fleet, step, {
-                    "state": state, "batches": prompt_batches.state_dict(), "kl": kl_ctl.state_dict(),
-                    "guard": guard.state_dict(), "metrics": logger.rows, "rng": rng_state(),
-                    "wall_s": wall_before + time.perf_counter() - start_all})
+            loop.end_step(step, index, metrics, run_eval, ppo_actor_saver(fleet), kl=kl_ctl.state_dict())
             bar.set_postfix(score=f"{metrics['reward/score_mean']:+.3f}", kl=f"{metrics['objective/kl']:.2f}",
                             len=f"{metrics['response_length/mean']:.0f}", s=f"{timing['step']:.1f}")
-        logger.close()
-        checkpoint = out / "checkpoint"
-        fleet.policy.run_one("save", str(checkpoint))
-        save_config(config, checkpoint)
+        checkpoint = loop.finish()
         weight_sync = "lora_adapters" if fleet.adapter_sync else ("merged_lora" if config.policy.lora else "full")
     finally:
         fleet.shutdown()
     first_eval, last_eval = state["first_eval"], state["last_eval"]
-    summary = {"steps": config.steps, "wall_s": wall_before + time.perf_counter() - start_all,
+    summary = {"steps": config.steps, "wall_s": loop.wall_s(),
                "checkpoint": str(checkpoint), "snapshots": saved_snapshots(out, config.snapshot_steps),
                "tokens_generated": state["tokens_generated"],
                "tokens_trained": state["tokens_trained"], "start": first_eval, "end": last_eval,

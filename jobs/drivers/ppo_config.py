@@ -104,29 +104,20 @@ class PPOConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> None:
-        self.policy.validate("policy")
+        check_on_policy_run(self, "steps", ("policy", "reference", "reward", "critic", "generator", "judge"))
         self.critic.validate("critic", ("policy",))
         if self.critic.colocate_with == "policy" and self.policy.num_workers < 2:
             raise ConfigError("critic.colocate_with: policy needs a sharded policy (policy.num_workers >= 2) whose "
                               f"placement group the critic can share; policy.num_workers is {self.policy.num_workers}")
-        self.checkpoint.validate()
-        check_snapshot_steps("snapshot_steps", self.snapshot_steps, self.steps)
-        self.faults.validate()
-        self.data.validate()
-        self.tokenize.validate()
-        self.rollout.validate("rollout")
-        self.optimizer.validate("optimizer")
         self.critic_optimizer.validate("critic_optimizer")
-        check_reward_source("reward", self.reward)
         if self.kl.estimator not in KL_ESTIMATORS:
             raise ConfigError(f"kl.estimator must be one of {KL_ESTIMATORS}, got {self.kl.estimator!r}")
         if self.kl.coef < 0:
             raise ConfigError(f"kl.coef must be >= 0, got {self.kl.coef}")
         if self.kl.adaptive and (self.kl.target <= 0 or self.kl.horizon <= 0):
             raise ConfigError("kl.target and kl.horizon must be > 0 for the adaptive controller")
-        for key in ("prompts_per_step", "steps", "num_generators", "eval_samples_per_prompt"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.prompts_per_step < 1:
+            raise ConfigError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
         hp = self.ppo
         check_on_policy_sampling("rollout", self.rollout)
         check_update(self.update_config(), {**{f.name: f"ppo.{f.name}" for f in dataclasses.fields(hp)},
@@ -139,18 +130,7 @@ class PPOConfig:
             raise ConfigError("kl.estimator is the reward penalty's; with kl.in_loss=true set kl.loss_estimator")
         if not (0 <= hp.gamma <= 1 and 0 <= hp.lam <= 1):
             raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {hp.gamma}, {hp.lam}")
-        if self.generation_backend not in GENERATION_BACKENDS:
-            raise ConfigError(f"generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, "
-                              f"got {self.generation_backend!r}")
-        if self.generation_backend == "hf" and self.generation_options:
-            raise ConfigError("generation_options apply to the vllm backend only (generation_backend is hf)")
-        for key in ("model", "reference_model", "critic_model"):
-            check_model(key, getattr(self, key))
-        check_scorer("eval_scorer", self.eval_scorer)
-        check_placement(self.placement, ("policy", "reference", "reward", "critic", "generator", "judge"))
-        if self.policy.lora and self.reference_model not in (None, self.model):
-            raise ConfigError(f"reference_model: with policy.lora the reference is the policy's own base model "
-                              f"(adapters disabled), so it cannot be {self.reference_model!r}; drop reference_model")
+        check_model("critic_model", self.critic_model)
 
     def update_config(self, kl_coef: float | None = None) -> PPOUpdateConfig:
         """What the policy's ``train_ppo`` and the critic's ``train_value`` receive: every knob of the update,
@@ -187,3 +167,36 @@ def check_on_policy_sampling(key: str, sampling: SamplingConfig) -> None:
             raise ConfigError(f"{key}.{name} must be {off} for rollouts (got {value}): the trainer scores the "
                               f"untruncated distribution at {key}.temperature, so truncated sampling is off-policy; "
                               f"lower {key}.temperature to sharpen sampling instead")
+
+
+def check_on_policy_run(config, length_key: str, roles: tuple[str, ...]) -> None:
+    """The checks every on-policy driver's config shares (PPO, critic-free RL, online DPO), in one place:
+    counts, the generation backend and its options, models and scorers, the policy's training role where
+    the driver has one (LoRA's reference is its own base), placement of ``roles``, checkpoints, snapshots
+    within ``length_key`` (steps or rounds), faults, data, tokenisation, sampling, the optimizer, the reward."""
+    for key in (length_key, "num_generators", "eval_samples_per_prompt"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if config.generation_backend not in GENERATION_BACKENDS:
+        raise ConfigError(f"generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, "
+                          f"got {config.generation_backend!r}")
+    if config.generation_backend == "hf" and config.generation_options:
+        raise ConfigError("generation_options apply to the vllm backend only (generation_backend is hf)")
+    for key in ("model", "reference_model"):
+        check_model(key, getattr(config, key))
+    check_scorer("eval_scorer", config.eval_scorer)
+    check_placement(config.placement, roles)
+    policy = getattr(config, "policy", None)
+    if policy is not None:
+        policy.validate("policy")
+        if policy.lora and config.reference_model not in (None, config.model):
+            raise ConfigError(f"reference_model: with policy.lora the reference is the policy's own base model "
+                              f"(adapters disabled), so it cannot be {config.reference_model!r}; drop reference_model")
+    config.checkpoint.validate()
+    check_snapshot_steps("snapshot_steps", config.snapshot_steps, getattr(config, length_key))
+    config.faults.validate()
+    config.data.validate()
+    config.tokenize.validate()
+    config.rollout.validate("rollout")
+    config.optimizer.validate("optimizer")
+    check_reward_source("reward", config.reward)
