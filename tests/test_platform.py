@@ -616,3 +616,36 @@ def test_compose_cluster_publishes_only_on_loopback_with_token_auth():
     for name in ("prometheus", "grafana"):
         for volume in services[name]["volumes"]:
             assert (ROOT / "docker" / volume.split(":")[0]).exists(), volume
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver, preset, length", [("policy_gradient", "policy_gradient_tiny", "steps=2"),
+                                                    ("online_dpo", "online_dpo_tiny", "rounds=2")])
+def test_submitted_critic_free_and_online_dpo_jobs_succeed_with_live_metrics(cluster, tmp_path, driver, preset, length):
+    """The new drivers through the documented `ray job submit` command, as the DPO job above: the job
+    succeeds, writes its run folder, and its logged reward reaches the Prometheus endpoint while it runs."""
+    submission_id = f"{driver}-{uuid.uuid4().hex[:8]}"
+    command = [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", submission_id,
+               "--working-dir", ".", "--runtime-env", "platform/runtime_env.yaml", "--",
+               "python", "-m", f"jobs.{driver}", "--preset", preset, f"output_dir={tmp_path}", length,
+               "eval_prompts=4"]
+    submit = subprocess.run(command, cwd=ROOT, env=cluster.client_env(), capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    samples, status, deadline = [], None, time.time() + 600
+    while time.time() < deadline:
+        status = cluster.get(f"/api/jobs/{submission_id}").json()["status"]
+        samples += [s for s in _samples(cluster.scrape(), "ray_rayalign_reward_score_mean") if s[0].get("run") == preset]
+        if status in TERMINAL:
+            break
+        time.sleep(0.5)
+    logs = cluster.get(f"/api/jobs/{submission_id}/logs").json()["logs"]
+    assert status == "SUCCEEDED", logs[-3000:]
+    out = tmp_path / preset
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint/config.json"):
+        assert (out / name).exists(), name
+    logged = [json.loads(line)["reward/score_mean"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "reward/score_mean" in line]
+    assert samples, "no ray_rayalign_reward_score_mean sample seen during the job"
+    for labels, value in samples:
+        assert labels["job_name"] == driver
+        assert min(abs(value - v) for v in logged) < 1e-9, (value, logged)
