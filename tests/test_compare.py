@@ -196,3 +196,46 @@ def test_every_stage_section_is_checked_when_the_config_is_built(override, messa
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_config(CompareConfig, "compare_tiny", [override])
     build_config(CompareConfig, "compare_tiny", ["dpo.loss.beta=0.2"])  # a good key in the same place passes
+
+
+def test_a_sections_torch_threads_wins_over_the_comparisons_and_nothing_else_does():
+    from jobs.drivers.dpo import DPOConfig
+    from jobs.experiment.stages import job_config
+
+    base = {"model": "tiny", "seed": 3, "torch_threads": 1, "data": {"train": "jsonl:pairs.jsonl"}}
+    # a stage whose actors work one at a time may take every core; the experiment's own choices still win
+    config = job_config(DPOConfig, base, {"torch_threads": 2, "seed": 9})
+    assert (config.torch_threads, config.seed) == (2, 3)
+    assert job_config(DPOConfig, base, {}).torch_threads == 1
+    assert job_config(DPOConfig, {**base, "torch_threads": None}, {"torch_threads": 2}).torch_threads == 2
+
+
+@pytest.mark.parametrize("overrides, expected", [(["torch_threads=1", "eval.torch_threads=2"], 2),
+                                                 (["torch_threads=1"], 1)])
+def test_eval_torch_threads_reach_the_evaluator(monkeypatch, tmp_path, overrides, expected):
+    from jobs.drivers import compare
+    from jobs.experiment.stages import StageRunner
+
+    seen = {}
+
+    class Recorder:  # stands in for PolicyEvaluator: records what it was built with, evaluates nothing
+        def __init__(self, reference, config, judge, *, torch_threads, backend, generation_options):
+            seen["torch_threads"] = torch_threads
+
+        def evaluate(self, *args, **kwargs):
+            raise RuntimeError("recorded")
+
+        def shutdown(self):
+            pass
+
+    class Judge:
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(compare, "PolicyEvaluator", Recorder)
+    monkeypatch.setattr(compare, "gold_judge", lambda *a: Judge())
+    config = build_config(CompareConfig, "compare_tiny", [f"output_dir={tmp_path}", *overrides])
+    policies = {"SFT": {"checkpoint": "tiny"}}
+    with pytest.raises(RuntimeError, match="recorded"):
+        compare.evaluate_all(StageRunner(tmp_path), config, policies, "tiny", [[1, 2, 3]])
+    assert seen["torch_threads"] == expected

@@ -223,7 +223,7 @@ def run_experiment(config: CompareConfig) -> dict:
                 "preference": dataclasses.asdict(config.preference), "seed": config.seed}
     pref = runner.run("preference_data", pref_key, lambda folder: build_preference_data(
         sft_policy, prompt_texts, config.gold_scorer, config.preference, folder / "pairs.jsonl", seed=config.seed,
-        torch_threads=config.torch_threads, backend=config.generation_backend))
+        torch_threads=config.preference.torch_threads or config.torch_threads, backend=config.generation_backend))
     pairs = {"train": f"jsonl:{pref.summary['path']}", "eval_fraction": 0.1}
     pref_stages = sft_stages + ["preference_data"]
 
@@ -268,7 +268,8 @@ def evaluate_all(runner: StageRunner, config: CompareConfig, policies: dict, sft
         if not shared:
             shared["judge"] = gold_judge(config.gold_scorer, sft_policy)
             shared["evaluator"] = PolicyEvaluator(sft_policy, config.eval, shared["judge"],
-                                                  torch_threads=config.torch_threads, backend=config.generation_backend,
+                                                  torch_threads=config.eval.torch_threads or config.torch_threads,
+                                                  backend=config.generation_backend,
                                                   generation_options=config.eval.generation_options or None)
         return shared["evaluator"]
 

@@ -34,6 +34,9 @@ class EvalConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     kl_temperature: float = 1.0
     generation_options: dict = field(default_factory=dict)  # the evaluator's vLLM options (e.g. kv_cache_gib)
+    # Threads of the evaluator's generator and KL scorer, which work one after the other (so each can use
+    # every core); None: the comparison's torch_threads
+    torch_threads: int | None = None
 
     def validate(self, prefix: str = "eval") -> None:
         if self.num_prompts < 1 or self.samples_per_prompt < 1 or self.max_new_tokens < 1:
@@ -42,6 +45,8 @@ class EvalConfig:
             raise ValueError(f"{prefix}.kl_temperature ({self.kl_temperature}) must be one of {prefix}.temperatures")
         if any(t < 0 for t in self.temperatures):
             raise ValueError(f"{prefix}.temperatures must be >= 0, got {self.temperatures}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"{prefix}.torch_threads must be >= 1, got {self.torch_threads}")
 
 
 def policy_seed(base: int, run: str) -> int:

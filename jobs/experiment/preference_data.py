@@ -33,6 +33,8 @@ class PreferenceDataConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=32))
     min_gap: float = 0.0           # drop pairs whose gold scores differ by no more than this
     pairing: str = "all"           # all: every pair of a prompt's samples | best_vs_worst: one pair per prompt
+    # The generator's threads (it works alone in this stage, so it can use every core); None: the comparison's
+    torch_threads: int | None = None
 
     def validate(self, prefix: str = "preference") -> None:
         if self.pairing not in PAIRINGS:
@@ -42,6 +44,8 @@ class PreferenceDataConfig:
         if self.num_prompts < 1:
             raise ValueError(f"{prefix}.num_prompts must be >= 1, got {self.num_prompts}")
         self.sampling.validate(f"{prefix}.sampling")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"{prefix}.torch_threads must be >= 1, got {self.torch_threads}")
 
 
 def label_pairs(prompt: str, responses: list[str], scores: list[float], min_gap: float = 0.0,

@@ -60,9 +60,17 @@ class StageRunner:
         return result
 
 
+# The comparison's choices that a stage's section may change: resources, not the experiment (a stage whose
+# actors work one at a time, such as the reward model's or DPO's, can use every core).
+SECTION_MAY_OVERRIDE = ("torch_threads",)
+
+
 def job_config(cls, base: dict, overrides: dict | None):
-    """A job's config from the comparison's choices (``base``) and the preset's section (``overrides``)."""
-    merged = _deep_merge(dict(overrides or {}), base)
+    """A job's config from the comparison's choices (``base``, which win over the section except for
+    SECTION_MAY_OVERRIDE) and the preset's section (``overrides``)."""
+    overrides = dict(overrides or {})
+    base = {k: v for k, v in base.items() if not (k in SECTION_MAY_OVERRIDE and k in overrides)}
+    merged = _deep_merge(overrides, base)
     return build_config(cls, None, [f"{k}={json.dumps(v)}" for k, v in _flatten(merged).items()])
 
 
