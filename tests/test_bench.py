@@ -83,6 +83,8 @@ def test_dpo_peer_bench_honours_bf16_on_both_sides():
     assert bf16["rayalign_first_step"]["logps/chosen"] == pytest.approx(bf16["trl_first_step"]["logps/chosen"], abs=1.0)
 
 
+@pytest.mark.slow
+@pytest.mark.extended  # ~3 min; the bench's other smoke tests run in CI
 def test_ppo_compare_bench_runs_today_and_fast_settings_at_both_sizes(tmp_path):
     """`jobs.bench ppo --compare` at tiny size: both settings at both sizes on the same prompts, tokens and
     epochs, each step's phases and the ratios in the JSON (no timed assertions), and a lever alone."""

@@ -62,6 +62,7 @@ def test_ppo_reports_the_standard_metrics_and_a_loadable_checkpoint(ppo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a second PPO run (~2 min); the controller's math is tested exactly in test_ppo_math
 def test_adaptive_kl_controller_reins_in_kl(ppo_run, tmp_path):
     """Same run with the adaptive controller (target 1 nat): the coefficient rises and KL stays lower."""
     _, _, fixed_rows, _ = ppo_run

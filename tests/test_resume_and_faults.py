@@ -254,8 +254,12 @@ def test_ppo_interrupted_then_resumed_equals_the_uninterrupted_run(ppo_reference
 # Stateful roles (policy, critic, generator) are recreated and restored from the latest checkpoint
 # (a recovery); frozen roles (reference, reward, judge) are restarted by Ray with their calls retried.
 @pytest.mark.slow
-@pytest.mark.parametrize("role, recoveries", [("policy", 1), ("critic", 1), ("generator", 1),
-                                              ("reference", 0), ("reward", 0), ("judge", 0)])
+# CI covers a recovered stateful role (policy, critic) and a restarted frozen one (reward); the other three
+# take the same two paths and run with -m extended.
+@pytest.mark.parametrize("role, recoveries", [
+    ("policy", 1), ("critic", 1), pytest.param("generator", 1, marks=pytest.mark.extended),
+    pytest.param("reference", 0, marks=pytest.mark.extended), ("reward", 0),
+    pytest.param("judge", 0, marks=pytest.mark.extended)])
 def test_ppo_survives_a_killed_actor_of_each_role(ppo_reference, role, recoveries):
     out, _ = ppo_reference
     summary = train_ppo(_ppo(out, f"kill-{role}", f"faults.kill_at_step={role}@4"))

@@ -42,6 +42,7 @@ def test_dpo_on_two_fsdp_workers_matches_one_worker_and_resumes_on_one(ray_clust
     assert _close(again[4]["loss"], sharded["final"]["loss"]) and _close(again[4]["loss"], one[4]["loss"])
 
 
+@pytest.mark.extended  # ~2 min; sharded DPO (same FSDP2 group code) runs in CI
 def test_ppo_with_sharded_policy_and_colocated_critic_matches_one_worker(ray_cluster, tmp_path):
     args = [f"output_dir={tmp_path}", "steps=2", "prompts_per_step=8", "eval_every=0", "eval_prompts=8",
             "ppo.micro_batch_size=4"]
