@@ -57,6 +57,8 @@ def test_every_stage_runs_and_the_report_has_its_plots(comparison):
     assert {"accuracy", "spearman", "eval_pairs", "train_pairs"} <= set(rm)
     stages = pd.read_csv(root / "tables" / "stages.csv")
     assert "useful_fraction" in stages.columns and stages["stage"].iloc[-1].startswith("total")
+    # the total row must not turn the flag into a number (pyarrow then refused the column in stages.parquet)
+    assert stages["skipped"].dtype == bool and (root / "tables" / "stages.parquet").exists()
     summary = (root / "summary.txt").read_text()
     assert "SFT policy scores" in summary and "Best DPO minus best PPO" in summary
 
