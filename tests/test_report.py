@@ -86,3 +86,18 @@ def test_stage_table_useful_fraction_is_bench_seconds_over_wall_seconds():
     total = table.loc["total (stages run now)"]
     assert total["wall_s"] == 90.0 and total["tokens_trained"] == 3500
     assert total["useful_fraction"] == pytest.approx(45.0 / 90.0, abs=1e-12)
+
+
+def test_only_the_dpo_vs_ppo_row_is_called_best_dpo_minus_best_ppo():
+    """Best-of-N rows sit in the same differences table; the head-to-head sentence must not read them as
+    DPO vs PPO (a significant best-of-8 − best-of-1 fall was once reported as "so PPO is ahead")."""
+    runs = _runs(EVALUATIONS, METHODS)
+    differences = pd.concat([paired_differences(runs, EVALUATIONS, 1.0), pd.DataFrame([
+        {"a": "best-of-8", "b": "best-of-1", "temperature": 1.0, "diff": -0.042, "ci_low": -0.077, "ci_high": -0.002}])],
+        ignore_index=True)
+    sentences = summary_sentences({"runs": runs, "differences": differences, "win_rates": pd.DataFrame(
+        columns=["method"]), "compute_matched": pd.DataFrame(columns=["best_gold_reward"])})
+    head = [s for s in sentences if s.startswith("Best DPO minus best PPO")]
+    assert len(head) == 1 and "(dpo-beta0.1 − ppo-kl0.05)" in head[0]
+    assert not any("best-of" in s and "is ahead" in s for s in sentences)
+    assert "best-of-8 − best-of-1 -0.042 [-0.077, -0.002]" in " ".join(sentences)

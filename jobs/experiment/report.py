@@ -182,7 +182,10 @@ def summary_sentences(tables: dict) -> list[str]:
         out.append(f"{method}: best run {top.run}, gold {top.gold_reward:.3f} at exact KL {top.kl_exact:.2f}; "
                    f"{len(group)} run(s) spanning exact KL {group.kl_exact.min():.2f} to {group.kl_exact.max():.2f}.")
     differences = tables.get("differences", pd.DataFrame())
-    head = differences[(differences.get("b") != "SFT")] if not differences.empty else differences
+    # the head-to-head row only: best DPO vs best PPO (not the Best-of-N rows, which name other runs)
+    method_of = dict(zip(runs["run"], runs["method"]))
+    head = differences[[method_of.get(a) == "DPO" and method_of.get(b) == "PPO"
+                        for a, b in zip(differences.get("a", []), differences.get("b", []))]]
     for row in head.itertuples():
         verdict = ("significant at 95%, so " + ("DPO" if row.diff > 0 else "PPO") + " is ahead"
                    if significant(row.ci_low, row.ci_high) else "not significant at 95%: no winner")
