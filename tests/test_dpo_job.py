@@ -100,6 +100,19 @@ def test_on_the_fly_reference_matches_precomputed_and_stays_frozen(dpo_run, tmp_
     assert summary["reference_checksum_end"] == pytest.approx(expected, abs=0)
 
 
+def test_short_run_precomputes_only_the_pairs_its_steps_draw(dpo_run, tmp_path):
+    """A 4-step run asks the reference for the pairs its 4 batches draw, not the whole set, and trains
+    exactly as the full run's first 4 steps. Tolerance: the reference sums come from different chunks
+    (other padding partners), which moves fp32 sums of ~20 log-probs by ~1e-6; 1e-4 on the loss is far above."""
+    _, full, rows, _ = dpo_run
+    config = _config(tmp_path, "max_steps=4")
+    summary = train(config)
+    assert summary["reference_pairs"] <= 4 * config.batch_size < summary["train_pairs"]
+    assert summary["reference_pairs"] < full["reference_pairs"] <= full["train_pairs"]
+    rerun = [json.loads(line) for line in (tmp_path / config.run_name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rerun] == pytest.approx([r["loss"] for r in rows[:4]], abs=1e-4)
+
+
 def test_bf16_autocast_step_runs_and_stays_close(ray_cluster, tmp_path):
     config = _config(tmp_path, "autocast_bf16=true", "max_steps=2", "eval_every=0")
     summary = train(config)

@@ -86,6 +86,19 @@ def test_shuffled_batches_cover_each_pass_once_and_are_seeded():
     assert [ShuffledBatches(10, 4, seed=8).next() for _ in range(5)] != drawn
 
 
+def test_indices_within_is_the_union_of_the_next_batches_and_moves_nothing():
+    batches = ShuffledBatches(10, 4, seed=7)
+    batches.next()                                   # mid-pass: the rest of the pass, then a new one
+    needed = batches.indices_within(2)
+    state = batches.state_dict()
+    drawn = batches.next() + batches.next()
+    assert needed == sorted(set(drawn))  # 8 draws; fewer distinct rows where a new pass repeats one
+    fresh = ShuffledBatches(10, 4, seed=7)
+    fresh.load_state_dict(state)
+    assert fresh.next() + fresh.next() == drawn      # indices_within left the position alone
+    assert ShuffledBatches(10, 4, seed=7).indices_within(5) == list(range(10))  # passes joined: every row
+
+
 def test_plan_steps():
     assert plan_steps(100, 16, 1, None) == (6, 6)
     assert plan_steps(100, 16, 3, None) == (6, 18)

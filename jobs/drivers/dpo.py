@@ -117,20 +117,31 @@ class ReferenceLogps:
     ``reference_logprobs`` of a LoRA policy (its base model with the adapters disabled)."""
 
     def __init__(self, reference, model: str, pairs: list[EncodedPair], pad_id: int, mode: str,
-                 method: str = "logprobs"):
+                 method: str = "logprobs", needed: list[int] | None = None):
         self.reference, self.pairs, self.pad_id, self.mode, self.method = reference, pairs, pad_id, mode, method
         self.cached = False
         self.seconds = 0.0
-        if reference is not None and mode == "precompute" and pairs:
+        # ``needed``: the pair indices the run will ever ask for (a short run draws a fraction of a large
+        # set; the demo's 24 steps x 16 use 384 of 3,672 pairs). Only those are precomputed.
+        self.needed = list(range(len(pairs))) if needed is None else list(needed)
+        if reference is not None and mode == "precompute" and self.needed:
             start = time.perf_counter()
-            self.chosen, self.rejected, self.cached = reference_logps(reference, model, pairs, pad_id, method=method)
+            chosen, rejected, self.cached = reference_logps(
+                reference, model, [pairs[i] for i in self.needed], pad_id, method=method)
+            self.position = torch.full((len(pairs),), -1, dtype=torch.long)
+            self.position[torch.tensor(self.needed, dtype=torch.long)] = torch.arange(len(self.needed))
+            self.chosen, self.rejected = chosen, rejected
             self.seconds = time.perf_counter() - start
 
     def __call__(self, index: list[int]):
         if self.reference is None:
             return None, None
         if self.mode == "precompute":
-            return self.chosen[index], self.rejected[index]
+            rows = self.position[torch.tensor(index, dtype=torch.long)]
+            if bool((rows < 0).any()):
+                raise RuntimeError("reference log-probs were precomputed for the pairs this run's steps draw; "
+                                   f"pair {index[int((rows < 0).nonzero()[0])]} is not among them")
+            return self.chosen[rows], self.rejected[rows]
         start = time.perf_counter()
         sums = self.reference.run_one(self.method, _batch([self.pairs[i] for i in index], self.pad_id))["sum"]
         self.seconds += time.perf_counter() - start
@@ -200,19 +211,21 @@ def _train_attempt(config: DPOConfig, pad_id: int, train_enc, eval_enc, resume_f
         if reference is not None:
             reference.wait_ready()
         # Same model, same pairs: a LoRA policy's adapter-disabled log-probs share the reference cache.
-        ref_train = ReferenceLogps(reference, ref_model, train_enc, pad_id, config.reference_mode, method)
+        steps_per_epoch, total_steps = plan_steps(len(train_enc), config.batch_size, config.epochs, config.max_steps)
+        batches = ShuffledBatches(len(train_enc), config.batch_size, config.seed)
+        ref_train = ReferenceLogps(reference, ref_model, train_enc, pad_id, config.reference_mode, method,
+                                   needed=batches.indices_within(total_steps))
         ref_eval = ReferenceLogps(reference, ref_model, eval_enc, pad_id, config.reference_mode, method)
         if reference is not None and config.reference_mode == "precompute":
-            print(f"[reference] log-probs {'loaded from cache' if ref_train.cached else 'computed'} "
-                  f"in {ref_train.seconds + ref_eval.seconds:.1f} s"
+            print(f"[reference] log-probs of {len(ref_train.needed)} training pairs (of {len(train_enc)}: those "
+                  f"{total_steps} steps draw) and {len(eval_enc)} held-out pairs "
+                  f"{'loaded from cache' if ref_train.cached else 'computed'} in {ref_train.seconds + ref_eval.seconds:.1f} s"
                   + (" (LoRA policy, adapters disabled)" if method == "reference_logprobs" else ""))
             if "reference" in groups:
                 groups.pop("reference").shutdown()  # no longer needed: its memory is free for the policy
             reference = None
 
         loss = dataclasses.asdict(config.loss)
-        steps_per_epoch, total_steps = plan_steps(len(train_enc), config.batch_size, config.epochs, config.max_steps)
-        batches = ShuffledBatches(len(train_enc), config.batch_size, config.seed)
         guard = NonFiniteGuard(config.faults.max_nonfinite_in_row)
         loop, rows, wall_before = LoopState(), None, 0.0
         if resume_from is not None:
@@ -267,6 +280,7 @@ def _train_attempt(config: DPOConfig, pad_id: int, train_enc, eval_enc, resume_f
             group.shutdown()
     summary = {"steps": total_steps, "train_pairs": len(train_enc), "eval_pairs": len(eval_enc),
                "tokens_trained": loop.tokens, "wall_s": wall_before + time.perf_counter() - start_all,
+               "reference_pairs": len(ref_train.needed),
                "reference_s": ref_train.seconds + ref_eval.seconds, "reference_checksum_end": reference_checksum,
                "roles": roles, "reference_from": reference_from,
                "checkpoint": str(checkpoint), "snapshots": saved_snapshots(out, config.snapshot_steps),

@@ -25,6 +25,18 @@ class ShuffledBatches:
         batch, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
         return batch
 
+    def indices_within(self, steps: int) -> list[int]:
+        """The sorted distinct rows the next ``steps`` batches will draw, found on a copy (this sampler
+        does not move): what a run of ``steps`` steps needs precomputed, and nothing more."""
+        copy = ShuffledBatches(self.size, self.batch_size, 0)
+        copy.load_state_dict(self.state_dict())
+        seen: set[int] = set()
+        for _ in range(steps):
+            seen.update(copy.next())
+            if len(seen) == self.size:
+                break
+        return sorted(seen)
+
     def state_dict(self) -> dict:
         """The position in the data: the generator's state and the rest of the current pass."""
         return {"size": self.size, "batch_size": self.batch_size, "rng": self.rng.bit_generator.state,
