@@ -109,13 +109,13 @@ def test_label_pairs_takes_every_pair_with_the_higher_score_chosen():
 def test_compute_matched_budget_gives_every_method_a_run():
     runs = pd.DataFrame([
         {"run": "sft", "method": "SFT", "total_cpu_s": 0.0, "gold_reward": 0.1, "gold_reward_ci_low": 0.0,
-         "gold_reward_ci_high": 0.2, "kl": 0.0},
+         "gold_reward_ci_high": 0.2, "kl": 0.0, "kl_exact": 0.0},
         {"run": "ppo-a", "method": "PPO", "total_cpu_s": 100.0, "gold_reward": 0.3, "gold_reward_ci_low": 0.2,
-         "gold_reward_ci_high": 0.4, "kl": 2.0},
+         "gold_reward_ci_high": 0.4, "kl": 2.0, "kl_exact": 2.0},
         {"run": "ppo-b", "method": "PPO", "total_cpu_s": 300.0, "gold_reward": 0.6, "gold_reward_ci_low": 0.5,
-         "gold_reward_ci_high": 0.7, "kl": 5.0},
+         "gold_reward_ci_high": 0.7, "kl": 5.0, "kl_exact": 5.0},
         {"run": "dpo-a", "method": "DPO", "total_cpu_s": 50.0, "gold_reward": 0.4, "gold_reward_ci_low": 0.3,
-         "gold_reward_ci_high": 0.5, "kl": 1.0},
+         "gold_reward_ci_high": 0.5, "kl": 1.0, "kl_exact": 1.0},
     ])
     table = compute_matched(runs).set_index("method")
     assert table.loc["PPO", "budget_cpu_s"] == 100.0  # the largest of the cheapest runs (PPO's 100 vs DPO's 50)

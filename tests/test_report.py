@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from jobs.experiment.report import difference_sentences, paired_differences, summary_sentences
+from jobs.experiment.report import (compute_matched, compute_matched_sentences, difference_sentences, paired_differences,
+                                    summary_sentences)
 
 
 def _samples(golds_by_prompt: dict[int, list[float]], temperature: float = 1.0) -> pd.DataFrame:
@@ -101,3 +102,25 @@ def test_only_the_dpo_vs_ppo_row_is_called_best_dpo_minus_best_ppo():
     assert len(head) == 1 and "(dpo-beta0.1 − ppo-kl0.05)" in head[0]
     assert not any("best-of" in s and "is ahead" in s for s in sentences)
     assert "best-of-8 − best-of-1 -0.042 [-0.077, -0.002]" in " ".join(sentences)
+
+
+def test_compute_matched_ranking_names_a_leader_only_when_its_paired_lead_is_significant():
+    """The demo's first full report said 'DPO reaches the highest gold reward' within the compute budget
+    for 0.310 vs PPO-GT's 0.294 with overlapping intervals: a ranking of point estimates read as a result."""
+    runs = _runs(EVALUATIONS, METHODS).assign(total_cpu_s=[0.0, 10.0, 10.0])
+    table = compute_matched(runs, EVALUATIONS, 1.0)
+    assert list(table["method"]) == ["DPO", "PPO"]
+    # DPO − PPO per prompt (+.75, −.25, +.75, −.25): mean +0.25, the interval reaches −0.25 (see above)
+    assert table.loc[0, "lead_over_next"] == 0.25 and table.loc[0, "lead_ci_low"] < 0
+    assert pd.isna(table.loc[1, "lead_over_next"])
+    text = " ".join(compute_matched_sentences(table))
+    assert "DPO 0.438 (dpo-beta0.1); PPO 0.188 (ppo-kl0.05)" in text
+    assert "DPO's lead over PPO: +0.250" in text and "no method is ahead within this budget" in text
+    assert "so DPO is ahead" not in text
+    # DPO vs SFT-like PPO shifted by a sure +0.25 on every prompt: significant, and said so
+    sure = {**EVALUATIONS, "ppo-kl0.05": _samples(SFT)}
+    text = " ".join(compute_matched_sentences(compute_matched(_runs(sure, METHODS).assign(
+        total_cpu_s=[0.0, 10.0, 10.0]), sure, 1.0)))
+    assert "DPO's lead over PPO: +0.250, paired 95% CI [+0.250, +0.250], significant at 95%, so DPO is ahead" in text
+    assert compute_matched_sentences(compute_matched(runs[runs.method != "PPO"], EVALUATIONS, 1.0))[0].endswith(
+        "only DPO has a run within it.")

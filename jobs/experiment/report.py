@@ -68,7 +68,7 @@ def build_tables(config, policies: dict, evaluations: dict, stages: dict, best_o
         bon["total_cpu_s"] = deps["cpu_s"] + own["cpu_s"] * share
         bon["total_wall_s"] = deps["wall_s"] + own["wall_s"] * share
         tables["best_of_n"] = bon.drop(columns=["stages"])
-    tables["compute_matched"] = compute_matched(runs)
+    tables["compute_matched"] = compute_matched(runs, evaluations, config.eval.kl_temperature, config.seed)
     tables["differences"] = paired_differences(runs, evaluations, config.eval.kl_temperature, config.seed)
     if best_of_n_differences is not None and not best_of_n_differences.empty:
         bon_t = float((config.best_of_n or {}).get("temperature", 1.0))
@@ -142,9 +142,14 @@ def example_continuations(policies: dict, evaluations: dict, temperature: float,
     return pd.DataFrame(rows)
 
 
-def compute_matched(runs: pd.DataFrame, cost: str = "total_cpu_s") -> pd.DataFrame:
+def compute_matched(runs: pd.DataFrame, evaluations: dict | None = None, temperature: float = 1.0, seed: int = 0,
+                    cost: str = "total_cpu_s") -> pd.DataFrame:
     """The best gold reward each method reaches within one budget: the largest of the methods' cheapest
-    runs, so every method has at least one run within it. The SFT starting point is excluded."""
+    runs, so every method has at least one run within it. The SFT starting point is excluded.
+
+    With ``evaluations``, the first row also carries its lead over the second (``lead_over_next``: the
+    paired prompt-level difference of the two best runs, with its CI), so a ranking by point estimates
+    is never read as a result the intervals do not support."""
     trained = runs[runs["method"] != "SFT"]
     if trained.empty:
         return pd.DataFrame()
@@ -158,8 +163,40 @@ def compute_matched(runs: pd.DataFrame, cost: str = "total_cpu_s") -> pd.DataFra
                      "best_gold_reward": None if best is None else best["gold_reward"],
                      "ci_low": None if best is None else best["gold_reward_ci_low"],
                      "ci_high": None if best is None else best["gold_reward_ci_high"],
-                     "kl": None if best is None else best["kl"]})
-    return pd.DataFrame(rows).sort_values("best_gold_reward", ascending=False, na_position="last")
+                     "kl_exact": None if best is None else best["kl_exact"]})
+    table = pd.DataFrame(rows).sort_values("best_gold_reward", ascending=False, na_position="last")
+    table = table.reset_index(drop=True).assign(lead_over_next=float("nan"), lead_ci_low=float("nan"),
+                                                lead_ci_high=float("nan"))
+    ranked = table.dropna(subset=["best_run"])
+    if evaluations is not None and len(ranked) >= 2:
+        a, b = (evaluations[r] for r in ranked["best_run"].iloc[:2])
+        diff, low, high = paired_difference(a[a["temperature"] == temperature], b[b["temperature"] == temperature],
+                                            "gold", seed=seed)
+        table.loc[ranked.index[0], ["lead_over_next", "lead_ci_low", "lead_ci_high"]] = [diff, low, high]
+    return table
+
+
+def compute_matched_sentences(matched: pd.DataFrame) -> list[str]:
+    """The compute-matched ranking, and whether its leader's lead over the next method is significant."""
+    matched = matched.dropna(subset=["best_gold_reward"]) if "best_gold_reward" in matched else matched
+    if matched.empty:
+        return []
+    top = matched.iloc[0]
+    head = (f"Within the same compute budget ({top.budget_cpu_s:.0f} CPU-seconds including reward-model, "
+            f"preference-data and reference costs), the best gold reward of each method: "
+            + "; ".join(f"{r.method} {r.best_gold_reward:.3f} ({r.best_run})" for r in matched.itertuples()))
+    if len(matched) < 2:
+        return [head + f"; only {top.method} has a run within it."]
+    second = matched.iloc[1]
+    lead = getattr(top, "lead_over_next", float("nan"))
+    if pd.isna(lead):
+        return [head + f". {top.method} ranks first by point estimate only: its lead over {second.method} was not "
+                       "tested."]
+    verdict = (f"significant at 95%, so {top.method} is ahead within this budget"
+               if significant(top.lead_ci_low, top.lead_ci_high)
+               else "not significant at 95%: no method is ahead within this budget")
+    return [head + f". {top.method}'s lead over {second.method}: {lead:+.3f}, paired 95% CI "
+                   f"[{top.lead_ci_low:+.3f}, {top.lead_ci_high:+.3f}], {verdict}."]
 
 
 def summary_sentences(tables: dict) -> list[str]:
@@ -198,12 +235,7 @@ def summary_sentences(tables: dict) -> list[str]:
         t_best = hot.loc[hot["win_rate"].idxmax()]
         out.append(f"Highest win rate against SFT: {t_best.run} at temperature {t_best.temperature:g}, "
                    f"{t_best.win_rate:.2f} (CI {t_best.win_rate_ci_low:.2f} to {t_best.win_rate_ci_high:.2f}).")
-    matched = tables["compute_matched"].dropna(subset=["best_gold_reward"])
-    if not matched.empty:
-        top = matched.iloc[0]
-        out.append(f"Within the same compute budget ({top.budget_cpu_s:.0f} CPU-seconds including reward-model, "
-                   f"preference-data and reference costs), {top.method} reaches the highest gold reward "
-                   f"({top.best_gold_reward:.3f}, run {top.best_run}).")
+    out.extend(compute_matched_sentences(tables["compute_matched"]))
     if "best_of_n" in tables:
         bon = tables["best_of_n"]
         last = bon.iloc[-1]
