@@ -614,19 +614,3 @@ def test_hh_and_ultrafeedback_missing_field_names_their_layout(tmp_path):
     with pytest.raises(DataError, match=r"; UltraFeedback rows hold chosen / rejected chat messages and "
                                         r"score_chosen / score_rejected"):
         load_preference_pairs(f"ultrafeedback:{path}")
-
-
-def test_max_pairs_and_max_eval_pairs_cap_each_side_of_the_split(tmp_path):
-    from jobs.data.source import DataConfig, load_pair_splits
-    from jobs.run.config import ConfigError
-
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "good", "rejected": "bad"}) + "\n"
-                            for i in range(40)))
-    full_train, full_eval, _ = load_pair_splits(DataConfig(train=f"jsonl:{path}", eval_fraction=0.25), seed=1)
-    assert (len(full_train), len(full_eval)) == (30, 10)
-    train, evals, _ = load_pair_splits(
-        DataConfig(train=f"jsonl:{path}", eval_fraction=0.25, max_pairs=7, max_eval_pairs=3), seed=1)
-    assert train == full_train[:7] and evals == full_eval[:3]   # the same split, each side cut
-    with pytest.raises(ConfigError, match="data.max_eval_pairs"):
-        DataConfig(train=f"jsonl:{path}", max_eval_pairs=0).validate()

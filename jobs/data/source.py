@@ -24,7 +24,6 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # e.g. {prompt: question, chosen: good, rejected: bad}
     skip_bad_rows: bool = False     # count and skip malformed rows instead of stopping at the first
     max_pairs: int | None = None    # cap on training records (after the split)
-    max_eval_pairs: int | None = None  # cap on held-out records (after the split): a short run's cheaper evaluation
 
     def validate(self) -> None:
         """Checks what needs no reading: the specs' syntax, the ranges, the column mapping.
@@ -43,9 +42,8 @@ class DataConfig:
                     raise ConfigError(f"data.{key}: {err}") from None
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        for key in ("max_pairs", "max_eval_pairs"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} must be >= 1 or null, got {getattr(self, key)}")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ConfigError(f"data.max_pairs must be >= 1 or null, got {self.max_pairs}")
         for name, column in self.columns.items():
             if name not in COLUMN_FIELDS:
                 raise ConfigError(f"data.columns: unknown field {name!r} (fields: {', '.join(COLUMN_FIELDS)})")
@@ -73,8 +71,6 @@ def _split(records, config: DataConfig, seed: int, load):
         train, evals, reports = list(records), [], {}
     if config.max_pairs:
         train = train[: config.max_pairs]
-    if config.max_eval_pairs:
-        evals = evals[: config.max_eval_pairs]
     return train, evals, reports
 
 
