@@ -105,3 +105,24 @@ def test_plan_steps():
     assert plan_steps(100, 16, 3, 10) == (6, 10)      # cap on a multi-epoch run
     assert plan_steps(100, 16, 1, 30) == (6, 30)      # one epoch: max_steps sets the length
     assert plan_steps(5, 16, 1, None) == (1, 1)
+
+
+def test_win_rate_interval_resamples_prompts_not_samples():
+    """Four prompts x four samples: the policy wins every sample of prompts 0 and 1 and loses every sample
+    of 2 and 3. Its win rate is 0.5 and its interval is that of four prompt means (1, 1, 0, 0), as wide
+    as [0, 1]; resampling the sixteen comparisons singly would have made it look tight."""
+    import pandas as pd
+
+    from jobs.experiment.evaluate import win_rates
+
+    def frame(gold):
+        return pd.DataFrame([{"temperature": 1.0, "prompt_index": p, "sample_index": i, "gold": gold(p)}
+                             for p in range(4) for i in range(4)])
+
+    table = win_rates(frame(lambda p: 1.0 if p < 2 else -1.0), frame(lambda p: 0.0), seed=3)
+    row = table.iloc[0]
+    low, high = bootstrap_ci(np.array([1.0, 1.0, 0.0, 0.0]), seed=3)
+    assert (row.win_rate, row.win_rate_ci_low, row.win_rate_ci_high) == (0.5, low, high)
+    assert (low, high) == (0.0, 1.0) and (row.comparisons, row.prompts) == (16, 4)
+    slot_low, slot_high = bootstrap_ci(np.repeat([1.0, 1.0, 0.0, 0.0], 4), seed=3)
+    assert slot_high - slot_low < high - low

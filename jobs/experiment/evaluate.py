@@ -23,7 +23,7 @@ from actors.sampling import SamplingConfig
 from actors.group import ActorGroup, ActorResources
 from actors.models import load_tokenizer
 from actors.reward import RewardModelActor
-from jobs.experiment.stats import bootstrap_ci, prompt_bootstrap
+from jobs.experiment.stats import prompt_bootstrap
 
 
 @dataclass
@@ -64,16 +64,17 @@ def gold_judge(scorer: str, tokenizer: str) -> ActorGroup:
 
 def win_rates(samples: pd.DataFrame, baseline: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Per temperature: the fraction of (prompt, sample) slots where the policy's gold score beats the
-    baseline's on the same prompt and sample index (ties count one half), with a bootstrap CI."""
+    baseline's on the same prompt and sample index (ties count one half), as a mean over prompts with a
+    prompt-level bootstrap CI (a prompt's comparisons move together, as its samples do)."""
     keys = ["temperature", "prompt_index", "sample_index"]
     merged = samples[keys + ["gold"]].merge(baseline[keys + ["gold"]], on=keys, suffixes=("", "_baseline"))
     rows = []
     for temperature, group in merged.groupby("temperature"):
-        outcome = np.where(group["gold"] > group["gold_baseline"], 1.0,
-                           np.where(group["gold"] == group["gold_baseline"], 0.5, 0.0))
-        low, high = bootstrap_ci(outcome, seed=seed)
-        rows.append({"temperature": float(temperature), "win_rate": float(outcome.mean()), "win_rate_ci_low": low,
-                     "win_rate_ci_high": high, "comparisons": len(outcome)})
+        outcome = group.assign(win=np.where(group["gold"] > group["gold_baseline"], 1.0,
+                                            np.where(group["gold"] == group["gold_baseline"], 0.5, 0.0)))
+        rate, low, high = prompt_bootstrap(outcome, "win", seed=seed)
+        rows.append({"temperature": float(temperature), "win_rate": rate, "win_rate_ci_low": low,
+                     "win_rate_ci_high": high, "comparisons": len(outcome), "prompts": int(outcome["prompt_index"].nunique())})
     return pd.DataFrame(rows)
 
 
