@@ -126,11 +126,10 @@ class ReferenceLogps:
         self.needed = list(range(len(pairs))) if needed is None else list(needed)
         if reference is not None and mode == "precompute" and self.needed:
             start = time.perf_counter()
-            chosen, rejected, self.cached = reference_logps(
+            self.chosen, self.rejected, self.cached = reference_logps(
                 reference, model, [pairs[i] for i in self.needed], pad_id, method=method)
-            self.position = torch.full((len(pairs),), -1, dtype=torch.long)
+            self.position = torch.full((len(pairs),), -1, dtype=torch.long)  # pair index -> row of the cache
             self.position[torch.tensor(self.needed, dtype=torch.long)] = torch.arange(len(self.needed))
-            self.chosen, self.rejected = chosen, rejected
             self.seconds = time.perf_counter() - start
 
     def __call__(self, index: list[int]):
