@@ -111,8 +111,6 @@ def test_win_rate_interval_resamples_prompts_not_samples():
     """Four prompts x four samples: the policy wins every sample of prompts 0 and 1 and loses every sample
     of 2 and 3. Its win rate is 0.5 and its interval is that of four prompt means (1, 1, 0, 0), as wide
     as [0, 1]; resampling the sixteen comparisons singly would have made it look tight."""
-    import pandas as pd
-
     from jobs.experiment.evaluate import win_rates
 
     def frame(gold):

@@ -98,6 +98,12 @@ def stage_table(stages: dict, rates) -> pd.DataFrame:
     return frame
 
 
+def paired_gold_difference(evaluations: dict, a: str, b: str, temperature: float, seed: int) -> tuple[float, float, float]:
+    """Gold reward of run ``a`` minus run ``b`` at ``temperature``, paired over their common prompts."""
+    at_a, at_b = (evaluations[r][evaluations[r]["temperature"] == temperature] for r in (a, b))
+    return paired_difference(at_a, at_b, "gold", seed=seed)
+
+
 def paired_differences(runs: pd.DataFrame, evaluations: dict, temperature: float, seed: int = 0) -> pd.DataFrame:
     """Gold-reward differences a − b over the held-out prompts both evaluated, at the KL temperature,
     each with a paired prompt-level bootstrap CI: every trained run vs SFT, and best DPO vs best PPO."""
@@ -107,8 +113,7 @@ def paired_differences(runs: pd.DataFrame, evaluations: dict, temperature: float
         pairs.append((best["DPO"], best["PPO"]))
     rows = []
     for a, b in pairs:
-        at_a, at_b = (evaluations[r][evaluations[r]["temperature"] == temperature] for r in (a, b))
-        diff, low, high = paired_difference(at_a, at_b, "gold", seed=seed)
+        diff, low, high = paired_gold_difference(evaluations, a, b, temperature, seed)
         rows.append({"a": a, "b": b, "temperature": temperature, "diff": diff, "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows, columns=["a", "b", "temperature", "diff", "ci_low", "ci_high"])
 
@@ -169,9 +174,7 @@ def compute_matched(runs: pd.DataFrame, evaluations: dict | None = None, tempera
                                                 lead_ci_high=float("nan"))
     ranked = table.dropna(subset=["best_run"])
     if evaluations is not None and len(ranked) >= 2:
-        a, b = (evaluations[r] for r in ranked["best_run"].iloc[:2])
-        diff, low, high = paired_difference(a[a["temperature"] == temperature], b[b["temperature"] == temperature],
-                                            "gold", seed=seed)
+        diff, low, high = paired_gold_difference(evaluations, *ranked["best_run"].iloc[:2], temperature, seed)
         table.loc[ranked.index[0], ["lead_over_next", "lead_ci_low", "lead_ci_high"]] = [diff, low, high]
     return table
 
