@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from actors.scorers import build_scorer
-from jobs.drivers.compare import CompareConfig, run_experiment
+from jobs.drivers.compare import CompareConfig, method_section, run_experiment
 from jobs.run.config import ConfigError, build_config
 from jobs.experiment.preference_data import label_pairs
 from jobs.experiment.report import compute_matched
@@ -174,6 +174,8 @@ def test_every_compare_preset_and_its_stage_configs_validate(preset):
     job_config(RewardTrainConfig, {"model": config.model, "data": pairs}, config.reward)
     ppo = job_config(PPOConfig, {"model": config.model, "data": prompts, "reward": gold}, config.ppo)
     assert ppo.kl.coef > 0
+    if "ppo_gt" in config.methods:
+        job_config(PPOConfig, {"model": config.model, "data": prompts, "reward": gold}, method_section(config, "ppo_gt"))
     job_config(DPOConfig, {"model": config.model, "data": pairs}, config.dpo)
     job_config(SFTConfig, {"model": config.model, "data": pairs, "target": "chosen"}, config.preferred_ft)
     job_config(BestOfNConfig, {"model": config.model, "gold_scorer": config.gold_scorer, "reward": gold},
@@ -198,6 +200,23 @@ def test_every_stage_section_is_checked_when_the_config_is_built(override, messa
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_config(CompareConfig, "compare_tiny", [override])
     build_config(CompareConfig, "compare_tiny", ["dpo.loss.beta=0.2"])  # a good key in the same place passes
+
+
+def test_the_ppo_gt_section_changes_ppo_gts_runs_and_nothing_else():
+    from jobs.drivers.ppo import PPOConfig
+    from jobs.experiment.stages import job_config
+
+    config = build_config(CompareConfig, "compare_tiny", ["ppo.snapshot_steps=[1]", "ppo.ppo.epochs=3",
+                                                          "ppo_gt.snapshot_steps=[]", "ppo_gt.optimizer.lr=0.001"])
+    base = {"model": "tiny", "data": {"train": "demo"}, "reward": {"kind": "gold", "scorer": "vader"}}
+    ppo = job_config(PPOConfig, base, method_section(config, "ppo"))
+    gt = job_config(PPOConfig, base, method_section(config, "ppo_gt"))
+    assert (ppo.snapshot_steps, gt.snapshot_steps) == ([1], [])
+    assert gt.optimizer.lr == 0.001 and ppo.optimizer.lr != 0.001
+    assert gt.ppo.epochs == ppo.ppo.epochs == 3  # what ppo_gt leaves alone comes from the ppo section
+    assert gt.tokenize == ppo.tokenize
+    with pytest.raises(ConfigError, match=re.escape("unknown config key 'ppo_gt.snapshot_step'")):
+        build_config(CompareConfig, "compare_tiny", ["ppo_gt.snapshot_step=[]"])
 
 
 def test_a_sections_torch_threads_wins_over_the_comparisons_and_nothing_else_does():

@@ -164,3 +164,27 @@ def test_compare_continues_the_same_config_and_refuses_another(tmp_path, capsys,
     assert compare.main(argv + ["dpo_betas=[0.2]", "--overwrite"]) == 0
     assert started[-1] == [0.2]
     assert [p.name.startswith("cmp.old-") for p in sorted(tmp_path.iterdir())] == [False, True]
+
+
+def test_a_folder_from_before_a_section_existed_continues_until_the_section_is_used(tmp_path, capsys, monkeypatch):
+    """A comparison started by an earlier version has no `ppo_gt` key in its config.yaml; the new field's
+    empty default computes what that version computed, so the same preset continues, and a value in the
+    new section is a change like any other."""
+    import yaml
+
+    monkeypatch.setattr(compare, "run_experiment",
+                        lambda config: save_config(config, Path(config.output_dir) / config.run_name))
+    argv = ["--preset", "compare_tiny", f"output_dir={tmp_path}", "run_name=cmp"]
+    assert compare.main(argv) == 0
+    (tmp_path / "cmp" / "stages").mkdir()
+    saved = tmp_path / "cmp" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    assert old.pop("ppo_gt") == {}
+    saved.write_text(yaml.safe_dump(old))  # as the earlier version wrote it
+    assert compare.main(argv) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        compare.main(argv + ["ppo_gt.snapshot_steps=[]"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "(ppo_gt.snapshot_steps: '<unset>' -> [])" in err, err

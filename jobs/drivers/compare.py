@@ -41,7 +41,7 @@ from jobs.experiment.evaluate import EvalConfig, PolicyEvaluator, gold_judge, po
 from jobs.experiment.preference_data import PreferenceDataConfig, build_preference_data
 from jobs.experiment.report import write_report
 from jobs.experiment.reward_diagnostics import best_of_n_differences, reward_model_diagnostics
-from jobs.experiment.stages import StageResult, StageRunner, run_job
+from jobs.experiment.stages import StageResult, StageRunner, deep_merge, run_job
 from jobs.run.cluster import init_ray
 from jobs.run.config import ConfigError, _build, run_cli, save_config
 
@@ -59,7 +59,7 @@ METHODS = {
     "online_dpo_gt": ("Online DPO-GT", "online_dpo_betas", "online_dpo", "online-dpo-gt-beta"),
     "best_of_n": ("Best-of-N", None, "best_of_n", "best-of-n"),
 }
-SECTION_CLASSES = {"sft": SFTConfig, "reward": RewardTrainConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+SECTION_CLASSES = {"sft": SFTConfig, "reward": RewardTrainConfig, "ppo": PPOConfig, "ppo_gt": PPOConfig, "dpo": DPOConfig,
                    "preferred_ft": SFTConfig, "policy_gradient": PolicyGradientConfig, "online_dpo": OnlineDPOConfig,
                    "best_of_n": BestOfNConfig}
 
@@ -96,6 +96,7 @@ class CompareConfig:
     preference: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     reward: dict[str, Any] = field(default_factory=dict)
     ppo: dict[str, Any] = field(default_factory=dict)
+    ppo_gt: dict[str, Any] = field(default_factory=dict)  # PPO-GT's changes to the ppo section (e.g. snapshot_steps: [])
     dpo: dict[str, Any] = field(default_factory=dict)
     policy_gradient: dict[str, Any] = field(default_factory=dict)
     online_dpo: dict[str, Any] = field(default_factory=dict)
@@ -158,6 +159,13 @@ def _policy_entries(name: str, label: str, param, result: StageResult, stages: l
     return entries
 
 
+def method_section(config: CompareConfig, method: str) -> dict:
+    """The preset's section for ``method``'s runs: its job's section, with ``ppo_gt``'s changes on top for PPO-GT
+    (which otherwise trains exactly as PPO does)."""
+    section = getattr(config, METHODS[method][2])
+    return deep_merge(section, config.ppo_gt) if method == "ppo_gt" else section
+
+
 def train_methods(runner: StageRunner, config: CompareConfig, sft_policy: str, pairs: dict, reward_model: str,
                   deps: dict[str, list[str]]) -> dict[str, dict]:
     """Every trained method of ``config.methods`` over its sweep: {run name: evaluation entry}."""
@@ -189,7 +197,7 @@ def train_methods(runner: StageRunner, config: CompareConfig, sft_policy: str, p
             else:  # preferred_ft: SFT on the chosen replies
                 cls, train, steps_key, stage_deps = SFTConfig, train_sft, "max_steps", deps["pairs"]
                 base = {"model": sft_policy, "data": pairs, "target": "chosen", **common}
-            result = run_job(runner, name, cls, base, getattr(config, section), train)
+            result = run_job(runner, name, cls, base, method_section(config, method), train)
             steps = result.summary.get(steps_key) or result.summary.get("steps")
             policies.update(_policy_entries(name, label, value, result, stage_deps + [name], steps))
     return policies

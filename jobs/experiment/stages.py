@@ -70,14 +70,15 @@ def job_config(cls, base: dict, overrides: dict | None):
     SECTION_MAY_OVERRIDE) and the preset's section (``overrides``)."""
     overrides = dict(overrides or {})
     base = {k: v for k, v in base.items() if not (k in SECTION_MAY_OVERRIDE and k in overrides)}
-    merged = _deep_merge(overrides, base)
+    merged = deep_merge(overrides, base)
     return build_config(cls, None, [f"{k}={json.dumps(v)}" for k, v in _flatten(merged).items()])
 
 
-def _deep_merge(low: dict, high: dict) -> dict:
+def deep_merge(low: dict, high: dict) -> dict:
+    """``low`` with ``high``'s values on top, nested dicts merged key by key (lists and scalars replaced)."""
     out = dict(low)
     for key, value in high.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 

@@ -95,11 +95,20 @@ def _ignored(key: str) -> bool:
 
 
 def computation_diff(old: dict, new: dict) -> list[str]:
-    """``key: old -> new`` for every key (dotted) whose value differs and that changes the computation."""
+    """``key: old -> new`` for every key (dotted) whose value differs and that changes the computation.
+
+    A key that one side lacks and the other leaves empty (``{}`` or None) is no change: a field added
+    since the run started, whose empty default keeps the computation as it was (a run folder written by
+    the earlier version continues), or an empty section beside the keys now set inside it."""
     a, b = _flatten(old), _flatten(new)
     missing = "<unset>"
+
+    def empty_on_one_side(key: str) -> bool:
+        return (key not in a and b[key] in ({}, None)) or (key not in b and a[key] in ({}, None))
+
     return [f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}"
-            for key in sorted(set(a) | set(b)) if not _ignored(key) and a.get(key, missing) != b.get(key, missing)]
+            for key in sorted(set(a) | set(b))
+            if not _ignored(key) and a.get(key, missing) != b.get(key, missing) and not empty_on_one_side(key)]
 
 
 def _saved_config(path: Path) -> dict | None:
