@@ -13,7 +13,7 @@ from actors.scorers import build_scorer
 from jobs.drivers.compare import CompareConfig, method_section, run_experiment
 from jobs.run.config import ConfigError, build_config
 from jobs.experiment.preference_data import label_pairs
-from jobs.experiment.report import compute_matched
+from jobs.experiment.differences import compute_matched
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from jobs.experiment.report import (compute_matched, compute_matched_sentences, difference_sentences, paired_differences,
-                                    summary_sentences)
+from jobs.experiment.differences import (compute_matched, compute_matched_sentences, difference_sentences,
+                                         leader_sentences, paired_differences)
+from jobs.experiment.report import summary_sentences
 
 
 def _samples(golds_by_prompt: dict[int, list[float]], temperature: float = 1.0) -> pd.DataFrame:
@@ -124,3 +125,41 @@ def test_compute_matched_ranking_names_a_leader_only_when_its_paired_lead_is_sig
     assert "DPO's lead over PPO: +0.250, paired 95% CI [+0.250, +0.250], significant at 95%, so DPO is ahead" in text
     assert compute_matched_sentences(compute_matched(runs[runs.method != "PPO"], EVALUATIONS, 1.0))[0].endswith(
         "only DPO has a run within it.")
+
+
+def test_the_leader_is_compared_with_every_other_methods_best_run():
+    """Three methods: GRPO (SFT + 0.5 on every prompt) leads; against DPO (+0.25 everywhere) its lead is a
+    sure +0.25; against PPO (per prompt +1, 0, +1, 0) a resample of the two zero prompts only has probability
+    1/16 > 2.5%, so that interval reaches 0 and the sentence must say the leader is not ahead of PPO."""
+    evaluations = {**EVALUATIONS, "grpo-kl0.05": _samples({p: [g + 0.5 for g in golds] for p, golds in SFT.items()})}
+    methods = {**METHODS, "grpo-kl0.05": "GRPO"}
+    runs = _runs(evaluations, methods)
+    differences = paired_differences(runs, evaluations, 1.0)
+    table = differences.set_index(["a", "b"])
+    assert tuple(table.loc[("grpo-kl0.05", "dpo-beta0.1"), ["diff", "ci_low", "ci_high"]]) == (0.25, 0.25, 0.25)
+    vs_ppo = table.loc[("grpo-kl0.05", "ppo-kl0.05")]
+    assert vs_ppo["diff"] == 0.5 and vs_ppo["ci_low"] == 0.0
+    assert ("dpo-beta0.1", "ppo-kl0.05") in table.index and len(differences) == 3 + 3  # 3 vs SFT, DPO−PPO, 2 leads
+    text = " ".join(summary_sentences({"runs": runs, "differences": differences, "win_rates": pd.DataFrame(
+        columns=["method"]), "compute_matched": pd.DataFrame(columns=["best_gold_reward"])}))
+    assert ("The highest-scoring run, grpo-kl0.05 (GRPO), against each other method's best run (paired 95% CI; "
+            "the leader is chosen on these samples, so its leads lean optimistic): DPO (dpo-beta0.1) +0.250 "
+            "[+0.250, +0.250], significant; PPO (ppo-kl0.05) +0.500 [+0.000, ") in text
+    assert "not significant: it is not ahead of PPO at 95%." in text
+
+
+def test_a_leader_pair_already_in_the_table_the_other_way_round_is_read_flipped():
+    """When PPO leads (by point estimate, set here), its row against DPO is the head-to-head row best DPO −
+    best PPO read the other way round: the difference and both ends change sign and swap."""
+    evaluations = {**EVALUATIONS, "grpo-kl0.05": _samples({p: [g + 0.125 for g in golds] for p, golds in SFT.items()})}
+    methods = {**METHODS, "grpo-kl0.05": "GRPO"}
+    runs = _runs(evaluations, methods)
+    runs.loc[runs["run"] == "ppo-kl0.05", "gold_reward"] = 9.0
+    differences = paired_differences(runs, evaluations, 1.0)
+    assert len(differences) == 3 + 2  # no second DPO/PPO row: the head-to-head one serves
+    head = differences.set_index(["a", "b"]).loc[("dpo-beta0.1", "ppo-kl0.05")]
+    text = " ".join(leader_sentences(runs, differences))
+    assert (f"DPO (dpo-beta0.1) {-head['diff']:+.3f} [{-head['ci_high']:+.3f}, {-head['ci_low']:+.3f}], "
+            f"not significant") in text and head["diff"] == 0.25
+    # PPO − GRPO per prompt (−.625, +.375, −.625, +.375): mean −0.125
+    assert "GRPO (grpo-kl0.05) -0.125 [" in text and "it is not ahead of DPO, GRPO at 95%." in text

@@ -19,7 +19,9 @@ import pandas as pd  # noqa: E402
 
 from jobs.experiment.evaluate import summarize, win_rates  # noqa: E402
 from jobs.experiment.reward_diagnostics import reward_model_sentences  # noqa: E402
-from jobs.experiment.stats import paired_difference, significant  # noqa: E402
+from jobs.experiment.differences import (compute_matched, compute_matched_sentences, difference_sentences,  # noqa: E402
+                                         leader_sentences, paired_differences)
+from jobs.experiment.stats import significant  # noqa: E402
 
 METHOD_COLORS = {"SFT": "#555555", "PPO": "#1f77b4", "PPO-GT": "#17becf", "DPO": "#d62728",
                  "Preferred-FT": "#2ca02c", "Best-of-N": "#9467bd", "RLOO": "#ff7f0e", "GRPO": "#8c564b",
@@ -98,43 +100,6 @@ def stage_table(stages: dict, rates) -> pd.DataFrame:
     return frame
 
 
-def paired_gold_difference(evaluations: dict, a: str, b: str, temperature: float, seed: int) -> tuple[float, float, float]:
-    """Gold reward of run ``a`` minus run ``b`` at ``temperature``, paired over their common prompts."""
-    at_a, at_b = (evaluations[r][evaluations[r]["temperature"] == temperature] for r in (a, b))
-    return paired_difference(at_a, at_b, "gold", seed=seed)
-
-
-def paired_differences(runs: pd.DataFrame, evaluations: dict, temperature: float, seed: int = 0) -> pd.DataFrame:
-    """Gold-reward differences a − b over the held-out prompts both evaluated, at the KL temperature,
-    each with a paired prompt-level bootstrap CI: every trained run vs SFT, and best DPO vs best PPO."""
-    pairs = [(run, "SFT") for run in runs["run"] if run != "SFT"]
-    best = {m: g.loc[g["gold_reward"].idxmax(), "run"] for m, g in runs.groupby("method")}
-    if "DPO" in best and "PPO" in best:
-        pairs.append((best["DPO"], best["PPO"]))
-    rows = []
-    for a, b in pairs:
-        diff, low, high = paired_gold_difference(evaluations, a, b, temperature, seed)
-        rows.append({"a": a, "b": b, "temperature": temperature, "diff": diff, "ci_low": low, "ci_high": high})
-    return pd.DataFrame(rows, columns=["a", "b", "temperature", "diff", "ci_low", "ci_high"])
-
-
-def difference_sentences(differences: pd.DataFrame) -> list[str]:
-    """Which paired differences are significant at 95% (CI excludes 0) and which are not, in numbers."""
-    if differences.empty:
-        return []
-    def text(row) -> str:
-        return f"{row.a} − {row.b} {row.diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}]"
-    flags = [significant(r.ci_low, r.ci_high) for r in differences.itertuples()]
-    yes = [text(r) for r, f in zip(differences.itertuples(), flags) if f]
-    no = [text(r) for r, f in zip(differences.itertuples(), flags) if not f]
-    out = []
-    if yes:
-        out.append("Significant at 95% (paired prompt-level bootstrap, CI excludes 0): " + "; ".join(yes) + ".")
-    if no:
-        out.append("Not significant at 95% (CI includes 0): " + "; ".join(no) + ".")
-    return out
-
-
 def example_continuations(policies: dict, evaluations: dict, temperature: float, prompts: int = 3) -> pd.DataFrame:
     """The first sample of each run on the first few held-out prompts, at the KL temperature."""
     rows = []
@@ -145,61 +110,6 @@ def example_continuations(policies: dict, evaluations: dict, temperature: float,
             rows.append({"run": run, "method": info["method"], "prompt": row["prompt"], "continuation": row["response"],
                          "gold": row["gold"]})
     return pd.DataFrame(rows)
-
-
-def compute_matched(runs: pd.DataFrame, evaluations: dict | None = None, temperature: float = 1.0, seed: int = 0,
-                    cost: str = "total_cpu_s") -> pd.DataFrame:
-    """The best gold reward each method reaches within one budget: the largest of the methods' cheapest
-    runs, so every method has at least one run within it. The SFT starting point is excluded.
-
-    With ``evaluations``, the first row also carries its lead over the second (``lead_over_next``: the
-    paired prompt-level difference of the two best runs, with its CI), so a ranking by point estimates
-    is never read as a result the intervals do not support."""
-    trained = runs[runs["method"] != "SFT"]
-    if trained.empty:
-        return pd.DataFrame()
-    budget = trained.groupby("method")[cost].min().max()
-    rows = []
-    for method, group in trained.groupby("method"):
-        within = group[group[cost] <= budget]
-        best = within.loc[within["gold_reward"].idxmax()] if len(within) else None
-        rows.append({"method": method, "budget_cpu_s": budget, "runs_within_budget": len(within),
-                     "best_run": None if best is None else best["run"],
-                     "best_gold_reward": None if best is None else best["gold_reward"],
-                     "ci_low": None if best is None else best["gold_reward_ci_low"],
-                     "ci_high": None if best is None else best["gold_reward_ci_high"],
-                     "kl_exact": None if best is None else best["kl_exact"]})
-    table = pd.DataFrame(rows).sort_values("best_gold_reward", ascending=False, na_position="last")
-    table = table.reset_index(drop=True).assign(lead_over_next=float("nan"), lead_ci_low=float("nan"),
-                                                lead_ci_high=float("nan"))
-    ranked = table.dropna(subset=["best_run"])
-    if evaluations is not None and len(ranked) >= 2:
-        diff, low, high = paired_gold_difference(evaluations, *ranked["best_run"].iloc[:2], temperature, seed)
-        table.loc[ranked.index[0], ["lead_over_next", "lead_ci_low", "lead_ci_high"]] = [diff, low, high]
-    return table
-
-
-def compute_matched_sentences(matched: pd.DataFrame) -> list[str]:
-    """The compute-matched ranking, and whether its leader's lead over the next method is significant."""
-    matched = matched.dropna(subset=["best_gold_reward"]) if "best_gold_reward" in matched else matched
-    if matched.empty:
-        return []
-    top = matched.iloc[0]
-    head = (f"Within the same compute budget ({top.budget_cpu_s:.0f} CPU-seconds including reward-model, "
-            f"preference-data and reference costs), the best gold reward of each method: "
-            + "; ".join(f"{r.method} {r.best_gold_reward:.3f} ({r.best_run})" for r in matched.itertuples()))
-    if len(matched) < 2:
-        return [head + f"; only {top.method} has a run within it."]
-    second = matched.iloc[1]
-    lead = getattr(top, "lead_over_next", float("nan"))
-    if pd.isna(lead):
-        return [head + f". {top.method} ranks first by point estimate only: its lead over {second.method} was not "
-                       "tested."]
-    verdict = (f"significant at 95%, so {top.method} is ahead within this budget"
-               if significant(top.lead_ci_low, top.lead_ci_high)
-               else "not significant at 95%: no method is ahead within this budget")
-    return [head + f". {top.method}'s lead over {second.method}: {lead:+.3f}, paired 95% CI "
-                   f"[{top.lead_ci_low:+.3f}, {top.lead_ci_high:+.3f}], {verdict}."]
 
 
 def summary_sentences(tables: dict) -> list[str]:
@@ -231,6 +141,7 @@ def summary_sentences(tables: dict) -> list[str]:
                    if significant(row.ci_low, row.ci_high) else "not significant at 95%: no winner")
         out.append(f"Best DPO minus best PPO ({row.a} − {row.b}): {row.diff:+.3f} gold reward, paired 95% CI "
                    f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}], {verdict}.")
+    out.extend(leader_sentences(runs, differences))
     out.extend(difference_sentences(differences))
     wins = tables["win_rates"]
     hot = wins[(wins.method != "SFT")]
