@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from actors.group import ActorCallError
-from jobs.drivers.policy_gradient import PolicyGradientConfig, compute_advantages, train
+from jobs.drivers.policy_gradient import PolicyGradientConfig, compute_advantages, frozen_threads, train
 from jobs.run.config import ConfigError, build_config
 
 VOLATILE = ("timing_s/", "perf/")  # wall-clock measurements differ between any two runs
@@ -42,7 +42,8 @@ def test_grpo_raises_the_programmatic_reward_without_a_critic(ray_cluster, tmp_p
 
 @pytest.mark.slow
 def test_rloo_puts_the_kl_in_the_reward_and_trains(ray_cluster, tmp_path):
-    summary = train(_config(tmp_path, "advantage=rloo", "steps=2", "eval_prompts=4"))
+    # with a thread budget: the frozen pair scores first on half the threads each, then the policy (score_rollout)
+    summary = train(_config(tmp_path, "advantage=rloo", "steps=2", "eval_prompts=4", "torch_threads=2"))
     rows = [r for r in _rows(tmp_path / "policy_gradient_tiny") if r["step"] > 0]
     assert summary["method"] == "rloo" and len(rows) == 2
     assert all(r["actor/kl_in_loss_coef"] == 0.0 and r["advantage/abs_mean"] > 0 for r in rows)
@@ -89,3 +90,8 @@ def test_advantage_knob_changes_the_computation(tmp_path):
 def test_bad_policy_gradient_config_is_rejected_naming_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _config(tmp_path, *override)
+
+
+def test_the_frozen_pair_shares_the_thread_budget():
+    # reference and reward model score side by side: half the budget each, at least one; no budget: Ray's one thread
+    assert [frozen_threads(t) for t in (None, 1, 2, 3, 16)] == [None, 1, 1, 1, 8]

@@ -129,10 +129,35 @@ class PolicyGradientConfig:
                                temperature=self.rollout.temperature, seed=self.seed)
 
 
+def frozen_threads(torch_threads: int | None) -> int | None:
+    """Threads for the reference and the reward model, which score each rollout side by side before the
+    policy's own pass (``score_rollout``): half the budget each, so the pair fills the cores without
+    over-subscribing them. None (Ray's one thread per actor): all three passes run at once, as before."""
+    return max(1, torch_threads // 2) if torch_threads else None
+
+
+def score_rollout(config: PolicyGradientConfig, fleet: Fleet, rollout, completions, temperature: float):
+    """(policy log-probs, reference log-probs, reward scores) of one rollout, at ``temperature``.
+
+    With a thread budget, the frozen pair first (half the threads each) and then the policy alone on all of
+    them: three passes at full width at once over-subscribed two cores (SmolLM2, 16 sequences of 24 new
+    tokens: 8.5 s against PPO's 3.0 s for four passes of one thread each, the compare_methods run of
+    2026-12-07). Without one, all three at once, one thread each."""
+    policy = lambda: fleet.policy.submit("logprobs", rollout.batch, temperature=temperature)
+    frozen = [fleet.reference_logprobs(rollout.batch, temperature),
+              fleet.reward.submit("score", [c.prompt_ids for c in completions], [c.response_ids for c in completions])]
+    if not config.torch_threads:
+        return tuple(fleet.policy.get([policy(), *frozen], "score rollout"))
+    reference_lp, reward = fleet.policy.get(frozen, "score rollout")
+    (policy_lp,) = fleet.policy.get([policy()], "score rollout")
+    return policy_lp, reference_lp, reward
+
+
 def build_fleet(config: PolicyGradientConfig) -> Fleet:
     """PPO's roles without the critic (the whole point of these estimators)."""
     resources = ActorResources(torch_threads=config.torch_threads)
-    frozen = dataclasses.replace(resources, max_restarts=config.faults.frozen_role_restarts,
+    frozen = dataclasses.replace(resources, torch_threads=frozen_threads(config.torch_threads),
+                                 max_restarts=config.faults.frozen_role_restarts,
                                  max_task_retries=config.faults.frozen_role_restarts)
     place = lambda role: role_resources(frozen if role in ("reference", "reward") else resources,
                                         config.placement, role)
@@ -216,11 +241,7 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
 
             t0 = time.perf_counter()
             # log-probs at the rollout temperature: the distribution the generators sampled from
-            refs = [fleet.policy.submit("logprobs", rollout.batch, temperature=sampling.temperature),
-                    fleet.reference_logprobs(rollout.batch, sampling.temperature),
-                    fleet.reward.submit("score", [c.prompt_ids for c in completions],
-                                          [c.response_ids for c in completions])]
-            policy_lp, reference_lp, reward = fleet.policy.get(refs, "score rollout")
+            policy_lp, reference_lp, reward = score_rollout(config, fleet, rollout, completions, sampling.temperature)
             timing["score"] = time.perf_counter() - t0
             old_logprobs, ref_logprobs = policy_lp["token_logps"], reference_lp["token_logps"]
             scores = reward["scores"].clone()
