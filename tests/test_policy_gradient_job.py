@@ -46,6 +46,8 @@ def test_rloo_puts_the_kl_in_the_reward_and_trains(ray_cluster, tmp_path):
     summary = train(_config(tmp_path, "advantage=rloo", "steps=2", "eval_prompts=4", "torch_threads=2"))
     rows = [r for r in _rows(tmp_path / "policy_gradient_tiny") if r["step"] > 0]
     assert summary["method"] == "rloo" and len(rows) == 2
+    # the compute ledger's trained tokens: every epoch (4) reads each sequence's prompt and response tokens
+    assert summary["tokens_trained"] % 4 == 0 and summary["tokens_trained"] >= 4 * summary["tokens_generated"] > 0
     assert all(r["actor/kl_in_loss_coef"] == 0.0 and r["advantage/abs_mean"] > 0 for r in rows)
     # RLOO's advantages sum to 0 over each group, and every token of a row carries its row's value
     assert all(abs(r["advantage/mean"]) < 1.0 for r in rows)

@@ -217,7 +217,7 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
     try:
         kl_in_loss = KL_IN_LOSS[config.advantage]
         update = config.update_config()
-        state = {"step": 0, "tokens_generated": 0, "first_eval": {}, "last_eval": {}}
+        state = {"step": 0, "tokens_generated": 0, "tokens_trained": 0, "first_eval": {}, "last_eval": {}}
         loop = open_policy_loop(config, out, fleet, len(train_ids), config.prompts_per_step, "step", config.steps,
                                 state, resume_from, lambda: evaluate(fleet, eval_ids, config, pad_id))
         state, prompt_batches, guard = loop.state, loop.prompt_batches, loop.guard
@@ -267,6 +267,8 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
 
             generated = int(mask.sum())
             state["tokens_generated"] += generated
+            # every token the update's passes read (all epochs): the compute ledger's trained tokens, as PPO's
+            state["tokens_trained"] = state.get("tokens_trained", 0) + int(actor["tokens"])
             metrics = {**{k: v for k, v in actor.items() if k.startswith("actor/")},
                        "actor/grad_norm": actor["grad_norm"], "actor/lr": actor["lr"],
                        "reward/score_mean": float(reward["scores"].mean()),
@@ -288,7 +290,8 @@ def _train_attempt(config: PolicyGradientConfig, pad_id: int, train_ids, eval_id
     summary = {"method": config.advantage, "steps": config.steps, "checkpoint": str(checkpoint),
                "snapshots": saved_snapshots(out, config.snapshot_steps),
                "wall_s": loop.wall_s(), "tokens_generated": state["tokens_generated"],
-               "start": state["first_eval"], "end": state["last_eval"], "recoveries": recoveries,
+               "tokens_trained": state.get("tokens_trained", 0), "start": state["first_eval"],
+               "end": state["last_eval"], "recoveries": recoveries,
                "resumed_from": str(resume_from) if resume_from else None, "faults_injected": faults.killed,
                "nonfinite_skipped_steps": guard.skipped_steps, "roles": sorted(fleet.groups())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
