@@ -59,8 +59,13 @@ def test_every_stage_runs_and_the_report_has_its_plots(comparison):
     assert "useful_fraction" in stages.columns and stages["stage"].iloc[-1].startswith("total")
     # the total row must not turn the flag into a number (pyarrow then refused the column in stages.parquet)
     assert stages["skipped"].dtype == bool and (root / "tables" / "stages.parquet").exists()
+    # the compute ledger counts every training stage's tokens (the critic-free drivers once reported none)
+    trained = stages.set_index("stage").loc[["sft", "reward", "ppo-kl0.05", "ppo-gt-kl0.5", "dpo-beta0.1",
+                                              "preferred-ft", "grpo-kl0.05", "online-dpo-beta0.1"], "tokens_trained"]
+    assert (trained > 0).all(), trained
     summary = (root / "summary.txt").read_text()
     assert "SFT policy scores" in summary and "Best DPO minus best PPO" in summary
+    assert "against each other method's best run" in summary  # more than two methods: the leader's row
 
 
 @pytest.mark.slow
