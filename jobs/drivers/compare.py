@@ -59,8 +59,8 @@ METHODS = {
     "online_dpo_gt": ("Online DPO-GT", "online_dpo_betas", "online_dpo", "online-dpo-gt-beta"),
     "best_of_n": ("Best-of-N", None, "best_of_n", "best-of-n"),
 }
-SECTION_CLASSES = {"sft": SFTConfig, "reward": RewardTrainConfig, "ppo": PPOConfig, "ppo_gt": PPOConfig, "dpo": DPOConfig,
-                   "preferred_ft": SFTConfig, "policy_gradient": PolicyGradientConfig, "online_dpo": OnlineDPOConfig,
+SECTION_CLASSES = {"sft": SFTConfig, "reward": RewardTrainConfig, "ppo": PPOConfig, "ppo_gt": PPOConfig,
+                   "dpo": DPOConfig, "preferred_ft": SFTConfig, "policy_gradient": PolicyGradientConfig, "online_dpo": OnlineDPOConfig,
                    "best_of_n": BestOfNConfig}
 
 
@@ -96,7 +96,7 @@ class CompareConfig:
     preference: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     reward: dict[str, Any] = field(default_factory=dict)
     ppo: dict[str, Any] = field(default_factory=dict)
-    ppo_gt: dict[str, Any] = field(default_factory=dict)  # PPO-GT's changes to the ppo section (e.g. snapshot_steps: [])
+    ppo_gt: dict[str, Any] = field(default_factory=dict)  # PPO-GT's changes to `ppo` (e.g. snapshot_steps: [])
     dpo: dict[str, Any] = field(default_factory=dict)
     policy_gradient: dict[str, Any] = field(default_factory=dict)
     online_dpo: dict[str, Any] = field(default_factory=dict)
