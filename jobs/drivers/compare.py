@@ -60,8 +60,8 @@ METHODS = {
     "best_of_n": ("Best-of-N", None, "best_of_n", "best-of-n"),
 }
 SECTION_CLASSES = {"sft": SFTConfig, "reward": RewardTrainConfig, "ppo": PPOConfig, "ppo_gt": PPOConfig,
-                   "dpo": DPOConfig, "preferred_ft": SFTConfig, "policy_gradient": PolicyGradientConfig, "online_dpo": OnlineDPOConfig,
-                   "best_of_n": BestOfNConfig}
+                   "dpo": DPOConfig, "preferred_ft": SFTConfig, "policy_gradient": PolicyGradientConfig,
+                   "online_dpo": OnlineDPOConfig, "best_of_n": BestOfNConfig}
 
 
 @dataclass
