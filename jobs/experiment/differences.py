@@ -20,7 +20,7 @@ def paired_differences(runs: pd.DataFrame, evaluations: dict, temperature: float
     each with a paired prompt-level bootstrap CI: every trained run vs SFT, best DPO vs best PPO, and the
     highest-scoring run vs each other method's best run (see ``leader_pairs``)."""
     pairs = [(run, "SFT") for run in runs["run"] if run != "SFT"]
-    best = {m: g.loc[g["gold_reward"].idxmax(), "run"] for m, g in runs.groupby("method")}
+    best = best_runs(runs)
     if "DPO" in best and "PPO" in best:
         pairs.append((best["DPO"], best["PPO"]))
     pairs += [pair for pair in leader_pairs(runs) if pair not in pairs and pair[::-1] not in pairs]
@@ -31,6 +31,11 @@ def paired_differences(runs: pd.DataFrame, evaluations: dict, temperature: float
     return pd.DataFrame(rows, columns=["a", "b", "temperature", "diff", "ci_low", "ci_high"])
 
 
+def best_runs(runs: pd.DataFrame) -> dict[str, str]:
+    """{method: its highest-scoring run}."""
+    return {m: g.loc[g["gold_reward"].idxmax(), "run"] for m, g in runs.groupby("method")}
+
+
 def leader_pairs(runs: pd.DataFrame) -> list[tuple[str, str]]:
     """(highest-scoring trained run, each other trained method's best run): is the leader ahead of every
     other method, or only of some? The leader is picked on the same samples that test it, so these leads
@@ -39,8 +44,7 @@ def leader_pairs(runs: pd.DataFrame) -> list[tuple[str, str]]:
     if trained.empty:
         return []
     leader = trained.loc[trained["gold_reward"].idxmax()]
-    others = trained[trained["method"] != leader.method]
-    return [(leader.run, g.loc[g["gold_reward"].idxmax(), "run"]) for _, g in others.groupby("method", sort=True)]
+    return [(leader.run, run) for method, run in best_runs(trained).items() if method != leader.method]
 
 
 def leader_sentences(runs: pd.DataFrame, differences: pd.DataFrame) -> list[str]:
@@ -52,18 +56,19 @@ def leader_sentences(runs: pd.DataFrame, differences: pd.DataFrame) -> list[str]
     table = differences.set_index(["a", "b"])
     parts, behind = [], []
     for a, b in pairs:
-        row = table.loc[(a, b)] if (a, b) in table.index else None
-        if row is None:  # the pair is in the table the other way round (best DPO − best PPO)
-            flipped = table.loc[(b, a)]
-            diff, low, high = -flipped["diff"], -flipped["ci_high"], -flipped["ci_low"]
-        else:
+        if (a, b) in table.index:
+            row = table.loc[(a, b)]
             diff, low, high = row["diff"], row["ci_low"], row["ci_high"]
-        verdict = "significant" if significant(low, high) else "not significant"
-        parts.append(f"{method_of[b]} ({b}) {diff:+.3f} [{low:+.3f}, {high:+.3f}], {verdict}")
-        if not significant(low, high):
+        else:  # the pair is in the table the other way round (best DPO − best PPO)
+            row = table.loc[(b, a)]
+            diff, low, high = -row["diff"], -row["ci_high"], -row["ci_low"]
+        ahead = significant(low, high)
+        parts.append(f"{method_of[b]} ({b}) {diff:+.3f} [{low:+.3f}, {high:+.3f}], "
+                     f"{'significant' if ahead else 'not significant'}")
+        if not ahead:
             behind.append(method_of[b])
     leader = pairs[0][0]
-    tail = (f"it is ahead of every other method at 95%" if not behind else
+    tail = ("it is ahead of every other method at 95%" if not behind else
             f"it is not ahead of {', '.join(behind)} at 95%")
     return [f"The highest-scoring run, {leader} ({method_of[leader]}), against each other method's best run "
             f"(paired 95% CI; the leader is chosen on these samples, so its leads lean optimistic): "
