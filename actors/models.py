@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from actors.weight_transfer import WeightDict, snapshot
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2's GGUF tokenizer uses <|im_end|> for both eos and pad. A pad token equal to eos makes
 # "is this the end of the response?" ambiguous, so pad with <|endoftext|>, which the instruct
@@ -219,14 +221,15 @@ def unwrap_lora(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if is_lora(model) else model
 
 
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: torch.nn.Module) -> WeightDict:
     """CPU copies of the weights under the base model's names, with every LoRA delta folded in
     (W + scale * B @ A, peft's own ``get_delta_weight``), without touching ``model``: merging in place
     and unmerging afterwards would leave float rounding in the trained base weights.
 
-    A model without LoRA gives its plain state dict (copied)."""
+    A model without LoRA gives its plain state dict (copied). Either way a :class:`WeightDict`: tied
+    weights stay one tensor, and the copy crosses Ray's object store without pickling each tensor."""
     if not is_lora(model):
-        return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+        return snapshot(model.state_dict())
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
@@ -246,8 +249,8 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             tensor = value.detach()
             if name in deltas:
                 tensor = tensor + deltas[name].to(tensor.dtype)
-            merged[name] = tensor.to("cpu").clone()
-    return merged
+            merged[name] = tensor
+        return snapshot(merged)
 
 
 def save_causal_lm(model: torch.nn.Module, tokenizer, folder: str | os.PathLike) -> str:

@@ -28,6 +28,7 @@ from actors.math.logprobs import position_ids_from_mask, sequence_logprobs
 from actors.models import (apply_lora, enable_gradient_checkpointing, is_lora, load_causal_lm, load_tokenizer,
                            merged_state_dict, resolve_model_path, save_causal_lm)
 from actors.runtime import configure_threads, describe_actor, pick_device, quiet_transformers, seed_everything
+from actors.weight_transfer import WeightDict, snapshot
 
 
 class ModelWorker:
@@ -113,7 +114,7 @@ class ModelWorker:
         with self.model.disable_adapter():
             return self.logprobs(batch, micro_batch_size, temperature)
 
-    def named_weights(self) -> dict[str, torch.Tensor]:
+    def named_weights(self) -> WeightDict:
         """A CPU copy of the full weights under the base model's names (for pushing to generators or
         saving). With LoRA: the adapters merged in, computed without modifying the training model."""
         return merged_state_dict(self.model)
@@ -125,7 +126,7 @@ class ModelWorker:
             raise RuntimeError("adapter_weights needs a LoRA model (lora=...)")
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        return snapshot(get_peft_model_state_dict(self.model))
 
     def save_adapter(self, path: str) -> str:
         """The adapter alone as a peft folder (adapter_config.json + adapter_model.safetensors)."""

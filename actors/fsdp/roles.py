@@ -14,6 +14,7 @@ from actors.fsdp.state import _barrier
 from actors.policy import PolicyActor
 from actors.reward import RewardModelActor
 from actors.value_model import HEAD_META, HEAD_WEIGHTS
+from actors.weight_transfer import WeightDict
 
 # -- the sharded actors ---------------------------------------------------------------------------
 class ShardedPolicyActor(ShardedMixin, PolicyActor):
@@ -37,10 +38,10 @@ class ShardedPolicyActor(ShardedMixin, PolicyActor):
         compute = super().logprobs
         return self._rows_on_this_rank(lambda rows, micro: compute(rows, micro, temperature), batch, micro_batch_size)
 
-    def named_weights(self) -> dict[str, torch.Tensor] | None:
+    def named_weights(self) -> WeightDict | None:
         """Full weights on rank 0 (None on the others; the group returns rank 0's result)."""
         weights = self._gather_full_state()
-        return weights if self.rank == 0 else None
+        return WeightDict(weights) if self.rank == 0 else None
 
     def save(self, path: str) -> str:
         """An HF folder (safetensors + tokenizer) that AutoModelForCausalLM.from_pretrained loads."""
