@@ -43,6 +43,7 @@ by reference. On GPU vLLM's default (engine core in its own process) is kept.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -100,6 +101,41 @@ class VLLMWorkerExtension:
 
 def _on_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+def shutdown_engine_core(engine_core) -> None:
+    """vLLM's engine-core shutdown, finished by hand where vLLM's own trips over a process that exits while
+    it is being named: vLLM 0.32's ``kill_process_tree`` calls ``child.name()`` on the children it listed and
+    lets psutil.NoSuchProcess escape, leaving the rest of the tree alive and the client's sockets open (seen
+    once in tests/test_vllm_generation.py's teardown). Then: kill whatever of each engine process's tree is
+    still alive, and release the client's background resources as vLLM would have."""
+    import psutil
+
+    try:
+        engine_core.shutdown()
+        return
+    except psutil.NoSuchProcess:
+        pass
+    resources = getattr(engine_core, "resources", None)
+    for process in getattr(getattr(resources, "engine_manager", None), "processes", []):
+        if process.pid is not None and process.is_alive():
+            kill_process_tree(process.pid)
+    if resources is not None:
+        resources()
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants, the ones that are gone already skipped."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        family = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 class VLLMGenerationBackend:
@@ -357,7 +393,7 @@ class VLLMGenerationBackend:
         if llm is not None:
             engine_core = getattr(llm.llm_engine, "engine_core", None)
             if engine_core is not None:
-                engine_core.shutdown()
+                shutdown_engine_core(engine_core)
             self.llm = None
 
     def __del__(self):

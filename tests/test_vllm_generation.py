@@ -282,3 +282,52 @@ def test_ppo_rolls_out_on_vllm_with_matching_logprobs(ray_cluster, tiny_model, t
     # Steps 2 and 3 sample from weights pushed after an update: parity there proves the sync.
     assert all(r["rollout/logprob_diff"] < LOGPROB_TOL for r in steps), [r["rollout/logprob_diff"] for r in steps]
     assert all(r["timing_s/sync_weights"] > 0 for r in steps)
+
+
+def _sleep_with_a_child():
+    import subprocess
+    import time as _time
+
+    subprocess.Popen(["sleep", "300"])
+    _time.sleep(300)
+
+
+def test_engine_shutdown_is_finished_when_vllm_trips_over_an_exited_child():
+    """vLLM 0.32's kill_process_tree lets psutil.NoSuchProcess escape when a child exits while it is being
+    named, which left the engine's process tree alive (seen in this file's fleet teardown). Reproduced with
+    real processes: an 'engine process' with a child of its own, and a client whose shutdown raises as vLLM's
+    did. Afterwards both processes are gone and the client's resources were released."""
+    import multiprocessing
+    import time as _time
+
+    import psutil
+
+    from actors.vllm_backend import shutdown_engine_core
+
+    engine = multiprocessing.get_context("fork").Process(target=_sleep_with_a_child, daemon=True)
+    engine.start()
+    deadline = _time.monotonic() + 30
+    while not psutil.Process(engine.pid).children() and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    family = [psutil.Process(engine.pid), *psutil.Process(engine.pid).children()]
+    assert len(family) == 2
+    released = []
+
+    class Resources:
+        engine_manager = type("Manager", (), {"processes": [engine]})()
+
+        def __call__(self):
+            released.append(True)
+
+    class Client:
+        resources = Resources()
+
+        def shutdown(self):
+            raise psutil.NoSuchProcess(12345, "exited-child")
+
+    shutdown_engine_core(Client())
+    engine.join(10)
+    assert not engine.is_alive()
+    gone, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive
+    assert released == [True]
