@@ -62,6 +62,20 @@ def test_ppo_reports_the_standard_metrics_and_a_loadable_checkpoint(ppo_run):
 
 
 @pytest.mark.slow
+def test_with_a_thread_budget_the_passes_and_the_updates_take_turns(ppo_run):
+    """ppo_tiny sets torch_threads, so no two trainers share the cores: the reference and the reward model
+    score side by side, then the policy, then the critic; the critic updates, then the policy. Each actor
+    times its own call, so one after the other means the phase's wall time holds the sum of the later ones
+    (concurrent calls would overlap, and their wall time approach the longest one instead)."""
+    config, _, rows, _ = ppo_run
+    assert config.torch_threads == 1
+    for r in rows:
+        assert r["timing_s/update"] >= r["timing_s/update_actor"] + r["timing_s/update_critic"]
+        assert r["timing_s/score"] >= (max(r["timing_s/ref"], r["timing_s/reward"]) + r["timing_s/old_logprobs"]
+                                       + r["timing_s/values"])
+
+
+@pytest.mark.slow
 @pytest.mark.extended  # a second PPO run (~2 min); the controller's math is tested exactly in test_ppo_math
 def test_adaptive_kl_controller_reins_in_kl(ppo_run, tmp_path):
     """Same run with the adaptive controller (target 1 nat): the coefficient rises and KL stays lower."""

@@ -46,6 +46,9 @@ def lever_overrides(model: str) -> dict[str, list[str]]:
         "packing": ["policy.packing=true", "critic.packing=true"],
         # Policy with 2 threads: it trains concurrently with the critic, so this over-subscribes 2 cores there.
         "policy_threads": [f"policy.torch_threads={os.cpu_count() or 1}"],
+        # A thread budget of every core: the scoring passes and the two updates then take the cores in turns
+        # (jobs.drivers.ppo.score_rollout / update_policy_and_critic) instead of sharing them at one thread each.
+        "turns": [f"torch_threads={os.cpu_count() or 1}"],
     }
 
 

@@ -32,7 +32,7 @@ from actors.reference import ReferenceActor
 from actors.reward import RewardModelActor
 from actors.sampling import SamplingConfig
 from jobs.data.source import DataConfig
-from jobs.drivers.ppo import Fleet, evaluate, make_rollout
+from jobs.drivers.ppo import Fleet, evaluate, frozen_threads, make_rollout
 from jobs.drivers.ppo_config import RewardConfig, check_on_policy_run, check_on_policy_sampling, check_update
 from jobs.run.batching import TokenizeConfig
 from jobs.run.snapshots import saved_snapshots
@@ -127,13 +127,6 @@ class PolicyGradientConfig:
                   if hasattr(self.update, f.name)}
         return PPOUpdateConfig(**shared, kl_in_loss_coef=self.kl_coef if KL_IN_LOSS[self.advantage] else 0.0,
                                temperature=self.rollout.temperature, seed=self.seed)
-
-
-def frozen_threads(torch_threads: int | None) -> int | None:
-    """Threads for the reference and the reward model, which score each rollout side by side before the
-    policy's own pass (``score_rollout``): half the budget each, so the pair fills the cores without
-    over-subscribing them. None (Ray's one thread per actor): all three passes run at once, as before."""
-    return max(1, torch_threads // 2) if torch_threads else None
 
 
 def score_rollout(config: PolicyGradientConfig, fleet: Fleet, rollout, completions, temperature: float):

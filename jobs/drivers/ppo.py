@@ -3,9 +3,10 @@
     python -m jobs.ppo --preset ppo_smollm2_vader [key.sub=value ...]
 
 One step: rollout on the generation group -> reference log-probs, rollout log-probs, reward scores
-and critic values (requested concurrently) -> per-token rewards with the KL penalty -> GAE ->
-advantage whitening -> epochs of clipped policy and value updates (policy and critic concurrently)
--> push the new policy weights to the generators. The config (every key, default and check) lives in
+and critic values -> per-token rewards with the KL penalty -> GAE -> advantage whitening -> epochs of
+clipped policy and value updates -> push the new policy weights to the generators. The passes and the two
+updates run concurrently, one thread per actor, or with ``torch_threads`` set take the cores in turns
+(``score_rollout``, ``update_policy_and_critic``). The config (every key, default and check) lives in
 :mod:`jobs.drivers.ppo_config`.
 """
 
@@ -45,7 +46,8 @@ from jobs.run.prompt_run import run_prompt_job
 from jobs.run.step_loop import SaveActors, StepLoop
 from jobs.run.sampler import ShuffledBatches
 
-__all__ = ["PPOConfig", "train", "main", "step_ppo_args", "build_fleet", "evaluate"]
+__all__ = ["PPOConfig", "train", "main", "step_ppo_args", "build_fleet", "evaluate", "frozen_threads", "score_rollout",
+           "update_policy_and_critic"]
 
 
 @dataclass
@@ -81,14 +83,23 @@ class Fleet:
             group.shutdown()
 
 
+def frozen_threads(torch_threads: int | None) -> int | None:
+    """Threads for the reference and the reward model, which score each rollout side by side before the
+    policy's own pass (``score_rollout``): half the budget each, so the pair fills the cores without
+    over-subscribing them. None (Ray's one thread per actor): all the passes run at once."""
+    return max(1, torch_threads // 2) if torch_threads else None
+
+
 def build_fleet(config: PPOConfig, *, critic: bool = True, micro_batch_size: int | None = None) -> Fleet:
     """PPO's roles. ``critic=False`` builds the same fleet without a critic for a config that has no critic
     keys (online DPO); ``micro_batch_size`` then stands in for ``config.ppo.micro_batch_size``."""
     resources = ActorResources(torch_threads=config.torch_threads)
 
-    # Frozen roles hold nothing a checkpoint must restore: Ray restarts them and retries their calls.
+    # Frozen roles hold nothing a checkpoint must restore: Ray restarts them and retries their calls. With a
+    # critic they score side by side (score_rollout): half the threads each; without (online DPO) one at a time.
     frozen = dataclasses.replace(resources, max_restarts=config.faults.frozen_role_restarts,
-                                 max_task_retries=config.faults.frozen_role_restarts)
+                                 max_task_retries=config.faults.frozen_role_restarts,
+                                 torch_threads=frozen_threads(config.torch_threads) if critic else config.torch_threads)
 
     def place(role: str) -> ActorResources:
         return role_resources(frozen if role in ("reference", "reward") else resources, config.placement, role)
@@ -215,6 +226,43 @@ def step_ppo_args(config: PPOConfig, kl_ctl) -> PPOUpdateConfig:
     return config.update_config(kl_ctl.value)
 
 
+def score_rollout(config: PPOConfig, fleet: Fleet, rollout: Rollout, prompt_ids, response_ids,
+                  temperature: float) -> dict:
+    """The rollout's four passes: policy and reference log-probs at ``temperature``, reward scores, critic values.
+
+    Without a thread budget (``torch_threads`` unset: Ray's one thread per actor) all four at once. With one,
+    the cores are taken in turns so that no pass over-subscribes them: the frozen pair side by side on half
+    the threads each (``frozen_threads``), then the policy and then the critic alone on all of them."""
+    policy = lambda: fleet.policy.submit("logprobs", rollout.batch, temperature=temperature)
+    critic = lambda: fleet.critic.submit("values", rollout.batch)
+    refs = {"reference": fleet.reference_logprobs(rollout.batch, temperature),
+            "reward": fleet.reward.submit("score", prompt_ids, response_ids)}
+    if not config.torch_threads:
+        refs.update(policy=policy(), critic=critic())
+        return dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
+    results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
+    for name, call in (("policy", policy), ("critic", critic)):
+        (results[name],) = fleet.policy.get([call()], "score rollout")
+    return results
+
+
+def update_policy_and_critic(config: PPOConfig, fleet: Fleet, batch, old_logprobs, advantages, values, returns,
+                             update: PPOUpdateConfig, ref_logprobs) -> tuple[dict, dict]:
+    """One step's PPO update of the policy and the critic: (policy metrics, critic metrics).
+
+    Concurrently without a thread budget (one thread each). With one, the critic first and then the policy,
+    each on all the threads: two trainers at full width at once would over-subscribe the cores, and at one
+    thread each the policy (the larger update) left a core idle once the critic was done. The two updates
+    share no state, so the order changes no number."""
+    policy = lambda: fleet.policy.submit("train_ppo", batch, old_logprobs, advantages, update, ref_logprobs)
+    critic = lambda: fleet.critic.submit("train_value", batch, values, returns, update)
+    if not config.torch_threads:
+        return tuple(fleet.policy.get([policy(), critic()], "train"))
+    (critic_metrics,) = fleet.policy.get([critic()], "train")
+    (policy_metrics,) = fleet.policy.get([policy()], "train")
+    return policy_metrics, critic_metrics
+
+
 def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_from: Path | None, recoveries: int,
                    faults: FaultInjector) -> dict:
     out = Path(config.output_dir) / config.run_name
@@ -262,15 +310,10 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
             prompt_ids = [c.prompt_ids for c in rollout.completions]
             response_ids = [c.response_ids for c in rollout.completions]
 
-            # The four scoring passes run on four actors at once.
             t0 = time.perf_counter()
             # log-probs at the rollout temperature: the distribution the generators sampled from
-            refs = {"policy": fleet.policy.submit("logprobs", rollout.batch, temperature=sampling.temperature),
-                    "reference": fleet.reference_logprobs(rollout.batch, sampling.temperature),
-                    "reward": fleet.reward.submit("score", prompt_ids, response_ids),
-                    "critic": fleet.critic.submit("values", rollout.batch)}
-            results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
-            timing["score"] = time.perf_counter() - t0  # wall time of the four concurrent passes
+            results = score_rollout(config, fleet, rollout, prompt_ids, response_ids, sampling.temperature)
+            timing["score"] = time.perf_counter() - t0  # wall time of the four passes
             old_logprobs = results["policy"]["token_logps"]
             ref_logprobs = results["reference"]["token_logps"]
             values = results["critic"]["values"]
@@ -298,11 +341,10 @@ def _train_attempt(config: PPOConfig, pad_id: int, train_ids, eval_ids, resume_f
 
             t0 = time.perf_counter()
             update = step_ppo_args(config, kl_ctl)
-            actor_ref = fleet.policy.submit("train_ppo", rollout.batch, old_logprobs, advantages, update,
-                                              ref_logprobs if config.kl.in_loss else None)
-            critic_ref = fleet.critic.submit("train_value", rollout.batch, values, returns, update)
-            actor_metrics, critic_metrics = fleet.policy.get([actor_ref, critic_ref], "train")
-            timing["update"] = time.perf_counter() - t0  # wall time; policy and critic train concurrently
+            actor_metrics, critic_metrics = update_policy_and_critic(
+                config, fleet, rollout.batch, old_logprobs, advantages, values, returns, update,
+                ref_logprobs if config.kl.in_loss else None)
+            timing["update"] = time.perf_counter() - t0  # wall time of both updates
             timing["update_actor"] = actor_metrics["timing_s/total"]
             timing["update_critic"] = critic_metrics["critic/timing_s/total"]
 
