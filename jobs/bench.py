@@ -5,6 +5,7 @@
     python -m jobs.bench dpo --peer trl [--model smollm2] [--pairs 8] [--seq-len 256] [--bf16]
     python -m jobs.bench ppo [--model smollm2] [--prompts 16] [--new-tokens 48]
     python -m jobs.bench ppo --compare [--fast lora,critic_freeze,gen_threads] [--levers all] [--steps 3]
+    python -m jobs.bench sync [--model smollm2] [--backend vllm] [--rounds 3]
     python -m jobs.bench memory [--model smollm2] [--settings baseline,gradient_checkpointing,...] [--pairs 4]
 
 Targets are checked here, never by timed assertions in tests.
@@ -25,6 +26,8 @@ import torch
 
 from jobs.benchmarks.ppo import add_parser as add_ppo_parser
 from jobs.benchmarks.ppo import bench_ppo
+from jobs.benchmarks.sync import add_parser as add_sync_parser
+from jobs.benchmarks.sync import bench_sync
 from jobs.benchmarks.trl_peer import bench_dpo_peer
 
 
@@ -400,6 +403,7 @@ def main(argv=None) -> int:
     dpo.add_argument("--pairs", type=int, default=8, help="--peer only: preference pairs per optimizer step")
     dpo.add_argument("--beta", type=float, default=0.1, help="--peer only: DPO beta (sigmoid loss)")
     add_ppo_parser(sub)
+    add_sync_parser(sub)
     mem = sub.add_parser("memory", help="peak memory of DPO steps with each memory saver (a fresh process each)")
     mem.add_argument("--model", default="smollm2")
     mem.add_argument("--settings", default="baseline,gradient_checkpointing,bf16_autocast,packing,lora,offload_optimizer,all",
@@ -412,14 +416,15 @@ def main(argv=None) -> int:
     mem.add_argument("--steps", type=int, default=2, help="optimizer steps (AdamW state exists from the first)")
     mem.add_argument("--threads", type=int, default=None)
     mem.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    for p in (gen, dpo, sub.choices["ppo"], mem):
+    for p in (gen, dpo, sub.choices["ppo"], sub.choices["sync"], mem):
         p.add_argument("--address", default=None)
         p.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.which == "memory" and args.child:
         print(json.dumps(_memory_child(args)))
         return 0
-    result = {"generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo, "memory": bench_memory}[args.which](args)
+    result = {"generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo, "sync": bench_sync,
+              "memory": bench_memory}[args.which](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -111,3 +111,18 @@ def test_ppo_compare_bench_runs_today_and_fast_settings_at_both_sizes(tmp_path):
     assert "critic.freeze_layers=1" in result["fast_overrides"]
     lever = result["levers_alone_demo_size"]["critic_freeze"]
     assert lever["speedup_vs_today"] > 0 and isinstance(lever["pays"], bool)
+
+
+def test_sync_bench_pushes_both_formats_to_a_generator(tmp_path, ray_cluster):
+    """`jobs.bench sync` at tiny size: each format pushed to a real generator each round, the generator's
+    reload timed apart from the transfer (no timed assertions: the ratio is the bench's figure)."""
+    out = tmp_path / "sync.json"
+    assert main(["sync", "--model", "tiny", "--backend", "hf", "--rounds", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert sorted(result["runs"]) == ["torch_pickle", "weight_dict"]
+    for rows in result["runs"].values():
+        assert len(rows) == 2
+        for row in rows:
+            assert row["wall_s"] == pytest.approx(row["reload_s"] + row["transfer_s"])
+    assert result["speedup_wall"] == pytest.approx(result["median"]["torch_pickle"]["wall_s"]
+                                                   / result["median"]["weight_dict"]["wall_s"])
