@@ -33,6 +33,7 @@ from actors.reward import RewardModelActor
 from actors.sampling import SamplingConfig
 from jobs.data.source import DataConfig
 from jobs.drivers.ppo import Fleet, evaluate, frozen_threads, make_rollout
+from jobs.drivers.ppo import score_rollout as ppo_score_rollout
 from jobs.drivers.ppo_config import RewardConfig, check_on_policy_run, check_on_policy_sampling, check_update
 from jobs.run.batching import TokenizeConfig
 from jobs.run.snapshots import saved_snapshots
@@ -130,20 +131,14 @@ class PolicyGradientConfig:
 
 
 def score_rollout(config: PolicyGradientConfig, fleet: Fleet, rollout, completions, temperature: float):
-    """(policy log-probs, reference log-probs, reward scores) of one rollout, at ``temperature``.
-
-    With a thread budget, the frozen pair first (half the threads each) and then the policy alone on all of
-    them: three passes at full width at once over-subscribed two cores (SmolLM2, 16 sequences of 24 new
-    tokens, torch_threads=2: scoring 7.9 -> 2.5 s, a step 19.6 -> 14.3 s, the same rewards; README,
-    performance). Without one, all three at once, one thread each."""
-    policy = lambda: fleet.policy.submit("logprobs", rollout.batch, temperature=temperature)
-    frozen = [fleet.reference_logprobs(rollout.batch, temperature),
-              fleet.reward.submit("score", [c.prompt_ids for c in completions], [c.response_ids for c in completions])]
-    if not config.torch_threads:
-        return tuple(fleet.policy.get([policy(), *frozen], "score rollout"))
-    reference_lp, reward = fleet.policy.get(frozen, "score rollout")
-    (policy_lp,) = fleet.policy.get([policy()], "score rollout")
-    return policy_lp, reference_lp, reward
+    """(policy log-probs, reference log-probs, reward scores) of one rollout, at ``temperature``: PPO's
+    ``score_rollout`` on a fleet without a critic. With a thread budget, the frozen pair first (half the threads
+    each) and then the policy alone on all of them: three passes at full width at once over-subscribed two
+    cores (SmolLM2, 16 sequences of 24 new tokens, torch_threads=2: scoring 7.9 -> 2.5 s, a step 19.6 ->
+    14.3 s, the same rewards; README, performance). Without one, all three at once, one thread each."""
+    results = ppo_score_rollout(config, fleet, rollout, [c.prompt_ids for c in completions],
+                                [c.response_ids for c in completions], temperature)
+    return results["policy"], results["reference"], results["reward"]
 
 
 def build_fleet(config: PolicyGradientConfig) -> Fleet:

@@ -228,20 +228,22 @@ def step_ppo_args(config: PPOConfig, kl_ctl) -> PPOUpdateConfig:
 
 def score_rollout(config: PPOConfig, fleet: Fleet, rollout: Rollout, prompt_ids, response_ids,
                   temperature: float) -> dict:
-    """The rollout's four passes: policy and reference log-probs at ``temperature``, reward scores, critic values.
+    """The rollout's passes: policy and reference log-probs at ``temperature``, reward scores, and critic values
+    where the fleet has a critic (the critic-free drivers share this).
 
-    Without a thread budget (``torch_threads`` unset: Ray's one thread per actor) all four at once. With one,
-    the cores are taken in turns so that no pass over-subscribes them: the frozen pair side by side on half
-    the threads each (``frozen_threads``), then the policy and then the critic alone on all of them."""
-    policy = lambda: fleet.policy.submit("logprobs", rollout.batch, temperature=temperature)
-    critic = lambda: fleet.critic.submit("values", rollout.batch)
+    Without a thread budget (``torch_threads`` unset: Ray's one thread per actor) all at once. With one, the
+    cores are taken in turns so that no pass over-subscribes them: the frozen pair side by side on half the
+    threads each (``frozen_threads``), then the policy and then the critic alone on all of them."""
+    trained = {"policy": lambda: fleet.policy.submit("logprobs", rollout.batch, temperature=temperature)}
+    if fleet.critic is not None:
+        trained["critic"] = lambda: fleet.critic.submit("values", rollout.batch)
     refs = {"reference": fleet.reference_logprobs(rollout.batch, temperature),
             "reward": fleet.reward.submit("score", prompt_ids, response_ids)}
     if not config.torch_threads:
-        refs.update(policy=policy(), critic=critic())
+        refs.update({name: call() for name, call in trained.items()})
         return dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
     results = dict(zip(refs, fleet.policy.get(list(refs.values()), "score rollout")))
-    for name, call in (("policy", policy), ("critic", critic)):
+    for name, call in trained.items():
         (results[name],) = fleet.policy.get([call()], "score rollout")
     return results
 
